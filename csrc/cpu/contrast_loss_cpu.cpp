@@ -1,0 +1,251 @@
+// CPU kernel of rpo::contrast_loss_terms.
+//
+// For the "embedding" weighting rows are walked in blocks: one (multi-threaded) BLAS call gives the block's
+// cosines (block rows x N, about kBlockElements values), then the block's rows are split into one contiguous
+// chunk per thread (at::parallel_for) and each row gets its softmax statistics and a single vectorised pass
+// that produces the loss and both gradient contributions. The constant weightings skip the GEMM and split all
+// rows at once. Column-gradient partials are per chunk and reduced in chunk order, so results are
+// deterministic for a given thread count. Extra memory: (block rows + threads) * N + O(M + N) values; the
+// M x N matrix never exists.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "contrast_loss.h"
+#include "kernels/contrast_math.h"
+
+namespace rpo {
+namespace ops {
+namespace {
+
+using kernels::WeightParams;
+
+// 4 MiB of float32 cosines per block: large enough for an efficient multi-threaded GEMM (256 rows at N = 4096),
+// small next to the 1 GiB a float32 16384 x 16384 matrix would take.
+constexpr int64_t kBlockElements = int64_t(1) << 20;
+// Below this many pairs per chunk the threading overhead dominates.
+constexpr int64_t kMinChunkElements = int64_t(1) << 15;
+
+std::atomic<int64_t> g_threads_used_last_call{0};
+
+// GCC function multi-versioning: an AVX2/FMA clone of the float element passes, picked at load time on CPUs
+// that have it, with a baseline x86-64 (SSE2) fallback. no-trapping-math lets GCC if-convert the selects of
+// the pair term, without which the loop stays scalar (FP exceptions are never inspected). Elsewhere the plain
+// function is built.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RPO_CPU_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("no-trapping-math")))
+#else
+#define RPO_CPU_MULTIVERSION
+#endif
+
+template <typename acc_t>
+struct RowPass {
+  const acc_t* rejected;   // b_j, [N]
+  const acc_t* weights;    // unnormalised weights of this row ([N], softmax numerators) or nullptr
+  acc_t weight_scale;      // multiplies `weights` (scale / row sum)
+  WeightParams<acc_t> constant;  // used when weights == nullptr
+  int64_t diag_col;        // column with the diagonal weight, -1 for none
+  acc_t chosen;            // a_i
+  acc_t beta;
+  acc_t margin;
+  int64_t num_cols;
+  acc_t* col_sums;         // += w_ij * dloss_ij/ds_ij
+};
+
+// One row of pairs: returns the loss sum and writes sum_j w_ij * dloss_ij/ds_ij to *row_sum.
+template <typename acc_t, bool kEmbeddingWeights>
+inline __attribute__((always_inline)) acc_t row_pass_impl(const RowPass<acc_t>& r, acc_t* row_sum) {
+  acc_t loss_sum = 0;
+  acc_t grad_sum = 0;
+  const acc_t* __restrict__ b = r.rejected;
+  const acc_t* __restrict__ weights = r.weights;
+  acc_t* __restrict__ col_sums = r.col_sums;
+  const acc_t a = r.chosen;
+  const acc_t beta = r.beta;
+  const acc_t margin = r.margin;
+  const acc_t weight_scale = r.weight_scale;
+  const acc_t w_off = r.constant.off_diagonal;
+  const acc_t w_diag = r.constant.diagonal;
+  const int64_t diag_col = r.diag_col;
+  const int64_t num_cols = r.num_cols;  // a local: stores to col_sums could otherwise alias the bound
+#pragma omp simd reduction(+ : loss_sum, grad_sum)
+  for (int64_t j = 0; j < num_cols; ++j) {
+    const acc_t w = kEmbeddingWeights ? weights[j] * weight_scale : (j == diag_col ? w_diag : w_off);
+    const acc_t s = w * (beta * (a - b[j]) - margin);
+    const auto term = kernels::softplus_neg_and_grad(s);
+    const acc_t wg = w * term.dloss_ds;
+    loss_sum += term.loss;
+    grad_sum += wg;
+    col_sums[j] += wg;
+  }
+  *row_sum = grad_sum;
+  return loss_sum;
+}
+
+RPO_CPU_MULTIVERSION float row_pass_embedding(const RowPass<float>& r, float* row_sum) {
+  return row_pass_impl<float, true>(r, row_sum);
+}
+RPO_CPU_MULTIVERSION float row_pass_constant(const RowPass<float>& r, float* row_sum) {
+  return row_pass_impl<float, false>(r, row_sum);
+}
+double row_pass_embedding(const RowPass<double>& r, double* row_sum) {
+  return row_pass_impl<double, true>(r, row_sum);
+}
+double row_pass_constant(const RowPass<double>& r, double* row_sum) {
+  return row_pass_impl<double, false>(r, row_sum);
+}
+
+// Turns cosine dot products of one row into softmax numerators in place; returns their sum.
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t softmax_numerators_impl(acc_t* dots, const acc_t* col_inv_norm,
+                                                                    acc_t row_inv_norm, acc_t inv_tau,
+                                                                    int64_t num_cols) {
+  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : row_max)
+  for (int64_t j = 0; j < num_cols; ++j) {
+    const acc_t cos = dots[j] * row_inv_norm * col_inv_norm[j];
+    dots[j] = cos;
+    row_max = cos > row_max ? cos : row_max;
+  }
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < num_cols; ++j) {
+    const acc_t numerator = kernels::softmax_numerator(dots[j], row_max, inv_tau);
+    dots[j] = numerator;
+    sum += numerator;
+  }
+  return sum;  // >= 1: the row maximum contributes exp(0)
+}
+
+RPO_CPU_MULTIVERSION float softmax_numerators(float* dots, const float* col_inv_norm, float row_inv_norm,
+                                              float inv_tau, int64_t num_cols) {
+  return softmax_numerators_impl<float>(dots, col_inv_norm, row_inv_norm, inv_tau, num_cols);
+}
+double softmax_numerators(double* dots, const double* col_inv_norm, double row_inv_norm, double inv_tau,
+                          int64_t num_cols) {
+  return softmax_numerators_impl<double>(dots, col_inv_norm, row_inv_norm, inv_tau, num_cols);
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cpu(const PreparedInputs& in, at::ScalarType score_type,
+                                                        const ContrastOptions& options) {
+  const int64_t num_rows = in.num_rows;
+  const int64_t num_cols = in.num_cols;
+  const bool embedding = options.weighting == kernels::kEmbedding;
+  const bool diagonal = options.weighting == kernels::kDiagonal;
+  const auto params =
+      kernels::make_weight_params<acc_t>(options.weighting, options.normalization, num_cols, options.alpha);
+  // "embedding" walks row blocks (one multi-threaded GEMM each); the constant weightings need no block.
+  const int64_t block_rows = embedding ? rows_per_block(num_rows, num_cols, kBlockElements) : num_rows;
+  const int64_t num_chunks = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), block_rows,
+                            (block_rows * num_cols + kMinChunkElements - 1) / kMinChunkElements}));
+
+  auto acc_options = in.chosen.options();
+  auto row_sums = at::empty({num_rows}, acc_options);
+  auto col_partials = at::zeros({num_chunks, num_cols}, acc_options);
+  std::vector<double> chunk_loss(num_chunks, 0.0);
+  std::vector<size_t> thread_ids;  // one entry per (block, chunk), for the threading evidence
+
+  const acc_t* chosen = in.chosen.data_ptr<acc_t>();
+  acc_t* row_sums_ptr = row_sums.data_ptr<acc_t>();
+  acc_t* col_partials_ptr = col_partials.data_ptr<acc_t>();
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / options.tau);
+  const acc_t* chosen_inv_norm = embedding ? in.chosen_inv_norm.data_ptr<acc_t>() : nullptr;
+  const acc_t* rejected_inv_norm = embedding ? in.rejected_inv_norm.data_ptr<acc_t>() : nullptr;
+
+  RowPass<acc_t> base{};
+  base.rejected = in.rejected.data_ptr<acc_t>();
+  base.constant = params;
+  base.diag_col = -1;
+  base.beta = static_cast<acc_t>(options.beta);
+  base.margin = static_cast<acc_t>(options.margin);
+  base.num_cols = num_cols;
+
+  at::Tensor block;  // cosines of the current row block, [block_rows, N]; reused
+  at::Tensor rejected_emb_t;
+  if (embedding) {
+    block = at::empty({block_rows, num_cols}, acc_options);
+    rejected_emb_t = in.rejected_emb.t();
+  }
+  for (int64_t block_begin = 0; block_begin < num_rows; block_begin += block_rows) {
+    const int64_t rows = std::min(block_rows, num_rows - block_begin);
+    acc_t* dots = nullptr;
+    if (embedding) {
+      auto out = block.narrow(0, 0, rows);
+      at::mm_out(out, in.chosen_emb.narrow(0, block_begin, rows), rejected_emb_t);
+      dots = out.data_ptr<acc_t>();
+    }
+    const int64_t chunks = std::min(num_chunks, rows);
+    std::vector<size_t> block_thread_ids(chunks, 0);
+    // Chunk c of every block accumulates into column partial c: the reduction order is fixed.
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        block_thread_ids[chunk] = std::hash<std::thread::id>{}(std::this_thread::get_id());
+        RowPass<acc_t> pass = base;
+        pass.col_sums = col_partials_ptr + chunk * num_cols;
+        double loss = 0.0;
+        for (int64_t r = chunk * rows / chunks; r < (chunk + 1) * rows / chunks; ++r) {
+          const int64_t row = block_begin + r;
+          pass.chosen = chosen[row];
+          if (embedding) {
+            acc_t* row_dots = dots + r * num_cols;
+            const acc_t sum =
+                softmax_numerators(row_dots, rejected_inv_norm, chosen_inv_norm[row], inv_tau, num_cols);
+            pass.weights = row_dots;
+            pass.weight_scale = params.scale / sum;
+            loss += row_pass_embedding(pass, row_sums_ptr + row);
+          } else {
+            pass.diag_col = diagonal ? options.diag_offset + row : -1;
+            loss += row_pass_constant(pass, row_sums_ptr + row);
+          }
+        }
+        chunk_loss[chunk] += loss;
+      }
+    });
+    thread_ids.insert(thread_ids.end(), block_thread_ids.begin(), block_thread_ids.end());
+  }
+
+  std::sort(thread_ids.begin(), thread_ids.end());
+  g_threads_used_last_call.store(std::unique(thread_ids.begin(), thread_ids.end()) - thread_ids.begin());
+
+  double loss_sum = 0.0;
+  for (double v : chunk_loss) loss_sum += v;  // fixed order: deterministic
+  auto col_sums = num_chunks == 1 ? col_partials[0] : col_partials.sum(0);
+  auto loss_tensor = at::scalar_tensor(loss_sum, acc_options.dtype(at::kDouble));
+  return assemble_outputs(loss_tensor, row_sums, col_sums, score_type, options);
+}
+
+}  // namespace
+
+int64_t cpu_threads_used_last_call() { return g_threads_used_last_call.load(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_loss_terms_cpu(
+    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& chosen_emb,
+    const std::optional<at::Tensor>& rejected_emb, double beta, double margin, double tau, double alpha,
+    int64_t weighting, int64_t normalization, int64_t diag_offset, double loss_scale, bool compute_grad) {
+  const auto options =
+      make_options(beta, margin, tau, alpha, weighting, normalization, diag_offset, loss_scale, compute_grad);
+  check_contrast_args(chosen, rejected, chosen_emb, rejected_emb, options);
+  if (chosen.numel() == 0 || rejected.numel() == 0) {
+    return empty_outputs(chosen, rejected, options);
+  }
+  const auto prepared =
+      prepare_inputs(chosen, rejected, chosen_emb, rejected_emb, options, /*scores_in_accumulate_type=*/true);
+  if (accumulate_type(chosen.scalar_type()) == at::kDouble) {
+    return run_cpu<double>(prepared, chosen.scalar_type(), options);
+  }
+  return run_cpu<float>(prepared, chosen.scalar_type(), options);
+}
+
+TORCH_LIBRARY_IMPL(rpo, CPU, m) { m.impl("contrast_loss_terms", &contrast_loss_terms_cpu); }
+
+}  // namespace ops
+}  // namespace rpo

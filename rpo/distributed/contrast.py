@@ -1,0 +1,225 @@
+"""Global contrast: one M×N contrast matrix across the ranks of a data-parallel group.
+
+Rows (chosen answers) stay on their rank. Columns (rejected scores and, for "embedding" weighting, their prompt
+embeddings) are all-gathered, so every row is normalised over the global columns and the loss is the one of the
+concatenated global batch (ranks in group-rank order, each rank's rows/columns in local order):
+
+    L = 1/(M·N) Σ_{i<M, j<N} softplus(−ω_ij (β(a_i − b_j) − margin)),   M = Σ_r M_r, N = Σ_r N_r.
+
+Every rank computes its row block (local rows × global columns) with `rpo.ops.contrast_loss_terms`, which also
+returns the block's gradients. The partial losses and the column gradients are summed in one all-reduce inside
+the forward, so the backward is local: it needs no collective and a rank that never calls backward cannot hang the
+others. Each rank's backward yields the exact partial derivatives of the global L w.r.t. its own scores.
+
+Collectives per call (every rank takes part in each, including ranks with 0 rows and/or 0 columns):
+  1. all-gather of a small int64 header per rank (M_r, N_r, embedding dim, needs-grad, dtypes, input error),
+  2. all-gather of the columns, padded to the largest N_r: [N_max, 1 + D] per rank (score + embedding),
+  3. all-reduce of [partial loss, ∂L_r/∂b for all N columns] (1 + N values; just the loss when no rank needs
+     gradients), after which each rank keeps the slice of its own columns.
+An all-reduce + slice is used instead of a reduce-scatter because the column gradients are N scalars and the
+loss needs an all-reduce anyway: one collective instead of two, and it works on every gloo version.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Dtypes a header can name; anything else is reported as "unsupported" by the op's own validation.
+_HEADER_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_NO_TENSOR = -1
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torch has only the former.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_HEADER_FIELDS = ("chosen rows", "rejected columns", "embedding dim", "needs grad", "score dtype",
+                  "embedding dtype", "input error")
+
+
+def data_parallel_loss_scale(process_group: Optional[dist.ProcessGroup]) -> int:
+    """The factor W to multiply the global loss by before backward when a DP wrapper *averages* gradients.
+
+    Each rank's backward of the global loss gives the partial gradient through its own sequences; the sum over
+    ranks is the full gradient of the global loss. torch DDP (and Megatron-core DDP unless
+    `calculate_per_token_loss`) divides the all-reduced gradient by the group size W, so the loss must be scaled
+    by W for the averaged gradient to equal the single-process gradient on the concatenated batch. Returns 1 for
+    `process_group=None`. Use 1 instead with a wrapper that sums gradients.
+    """
+    if process_group is None:
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _dtype_code(tensor) -> int:
+    if not isinstance(tensor, torch.Tensor):
+        return _NO_TENSOR
+    return _HEADER_DTYPES.index(tensor.dtype) if tensor.dtype in _HEADER_DTYPES else len(_HEADER_DTYPES)
+
+
+def _header_device(chosen_scores, group) -> torch.device:
+    if isinstance(chosen_scores, torch.Tensor):
+        return chosen_scores.device
+    # Invalid input on this rank: the header must still reach the collective on a device the backend accepts.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_headers(chosen_scores, rejected_scores, rejected_embeddings, needs_grad, local_error, group):
+    """All-gather (M_r, N_r, D_r, needs_grad_r, dtypes, input error) and check they agree across ranks.
+
+    All ranks see the same table, so they all raise together (instead of one rank raising and the others
+    hanging in the next collective) when any rank's input was invalid or the shards are inconsistent.
+    """
+    if local_error is None:
+        embedding_dim = rejected_embeddings.shape[1] if rejected_embeddings is not None else 0
+        header = [chosen_scores.shape[0], rejected_scores.shape[0], embedding_dim, int(needs_grad),
+                  _dtype_code(chosen_scores), _dtype_code(rejected_embeddings), 0]
+    else:
+        header = [0, 0, 0, 0, _NO_TENSOR, _NO_TENSOR, 1]
+    header = torch.tensor(header, dtype=torch.int64, device=_header_device(chosen_scores, group))
+    world_size = dist.get_world_size(group)
+    table = torch.empty(world_size * header.numel(), dtype=torch.int64, device=header.device)
+    _all_gather_single(table, header, group=group)
+    rows = [dict(zip(_HEADER_FIELDS, row)) for row in table.view(world_size, -1).tolist()]
+
+    failed = [rank for rank, row in enumerate(rows) if row["input error"]]
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise ValueError(f"global contrast: rank(s) {failed} of the process group rejected their inputs (their "
+                         f"error says why); no rank computes the loss")
+    for field in ("score dtype", "embedding dtype", "embedding dim"):
+        values = [row[field] for row in rows]
+        if len(set(values)) > 1:
+            shown = [_HEADER_DTYPES[v] if "dtype" in field and 0 <= v < len(_HEADER_DTYPES) else v for v in values]
+            raise ValueError(f"global contrast: {field} differs across the ranks of the process group "
+                             f"(per rank: {shown}); every rank must pass the same dtypes and embedding width")
+    return rows
+
+
+def _gather_columns(rejected_scores, rejected_embeddings, rows, group):
+    """All-gather the columns (score and embedding per rejected answer), padded to the largest shard."""
+    column_counts = [row["rejected columns"] for row in rows]
+    max_columns = max(column_counts)
+    embedding_dim = rows[0]["embedding dim"]
+    payload_dtype = rejected_scores.dtype
+    if rejected_embeddings is not None:
+        payload_dtype = torch.promote_types(payload_dtype, rejected_embeddings.dtype)
+    payload = torch.zeros(max_columns, 1 + embedding_dim, dtype=payload_dtype, device=rejected_scores.device)
+    local_columns = rejected_scores.shape[0]
+    payload[:local_columns, 0] = rejected_scores.detach()
+    if rejected_embeddings is not None:
+        payload[:local_columns, 1:] = rejected_embeddings.detach()
+    gathered = torch.empty(len(rows) * max_columns, 1 + embedding_dim, dtype=payload_dtype, device=payload.device)
+    _all_gather_single(gathered, payload, group=group)
+    columns = torch.cat([gathered[r * max_columns: r * max_columns + count] for r, count in enumerate(column_counts)])
+    global_scores = columns[:, 0].to(rejected_scores.dtype)
+    global_embeddings = columns[:, 1:].to(rejected_embeddings.dtype) if rejected_embeddings is not None else None
+    return global_scores, global_embeddings
+
+
+def _check_global_shape(rows, weighting):
+    global_rows = sum(row["chosen rows"] for row in rows)
+    global_columns = sum(row["rejected columns"] for row in rows)
+    if global_rows == 0 or global_columns == 0:
+        raise ValueError(f"global contrast: the global batch has {global_rows} chosen and {global_columns} "
+                         f"rejected answers over {len(rows)} ranks; it needs at least one of each")
+    if weighting == "diagonal" and (global_rows != global_columns or global_columns < 2):
+        raise ValueError(f"global contrast: weighting='diagonal' needs a square global matrix with at least 2 "
+                         f"pairs, got {global_rows} chosen × {global_columns} rejected "
+                         f"(per-rank chosen {[r['chosen rows'] for r in rows]}, "
+                         f"rejected {[r['rejected columns'] for r in rows]})")
+    return global_rows, global_columns
+
+
+def _global_loss_and_local_grads(chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options,
+                                 rows, group):
+    from rpo.ops import contrast_loss_terms  # rpo.ops imports this module lazily; keep the cycle one-way
+
+    rank = dist.get_rank(group)
+    global_rows = sum(row["chosen rows"] for row in rows)
+    global_columns = sum(row["rejected columns"] for row in rows)
+    any_needs_grad = any(row["needs grad"] for row in rows)
+    row_offset = sum(row["chosen rows"] for row in rows[:rank])
+    column_offset = sum(row["rejected columns"] for row in rows[:rank])
+
+    global_rejected, global_rejected_embeddings = _gather_columns(rejected_scores, rejected_embeddings, rows, group)
+    loss, grad_chosen, grad_global_rejected = contrast_loss_terms(
+        chosen_scores.detach(), global_rejected,
+        chosen_embeddings.detach() if chosen_embeddings is not None else None, global_rejected_embeddings,
+        diag_offset=row_offset, loss_scale=1.0 / (global_rows * global_columns), compute_grad=any_needs_grad,
+        **options)
+
+    # Sum partial losses and column gradients in at least float32: bfloat16 partial sums would lose digits.
+    reduce_dtype = torch.promote_types(chosen_scores.dtype, torch.float32)
+    reduced = torch.zeros(1 + (global_columns if any_needs_grad else 0), dtype=reduce_dtype,
+                          device=chosen_scores.device)
+    reduced[0] = loss
+    if any_needs_grad:
+        reduced[1:] = grad_global_rejected
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    global_loss = reduced[0].to(chosen_scores.dtype)
+    if not any_needs_grad:
+        return global_loss, None, None
+    local_columns = rejected_scores.shape[0]
+    grad_rejected = reduced[1 + column_offset: 1 + column_offset + local_columns].to(rejected_scores.dtype)
+    return global_loss, grad_chosen.to(chosen_scores.dtype), grad_rejected
+
+
+class _GlobalContrastLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options, rows, group):
+        loss, grad_chosen, grad_rejected = _global_loss_and_local_grads(
+            chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options, rows, group)
+        if grad_chosen is not None:
+            ctx.save_for_backward(grad_chosen, grad_rejected)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_chosen, grad_rejected = ctx.saved_tensors
+        # Embeddings get no gradient (they come from a frozen sentence encoder); None counts as zero.
+        return grad_loss * grad_chosen, grad_loss * grad_rejected, None, None, None, None, None
+
+
+def global_contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, beta: float,
+                         process_group: Optional[dist.ProcessGroup], weighting: str = "embedding",
+                         chosen_embeddings: Optional[torch.Tensor] = None,
+                         rejected_embeddings: Optional[torch.Tensor] = None, tau: float = 0.5, alpha: float = 0.8,
+                         weight_normalization: str = "row", margin: float = 0.0) -> torch.Tensor:
+    """Contrast loss of the global batch over `process_group` (the data-parallel group only).
+
+    Same keywords and semantics as `rpo.ops.contrast_loss`, which calls this when given a process group. Each
+    rank passes its own M_r chosen and N_r rejected scores (M_r, N_r may differ between ranks and may be 0;
+    every rank must call this, collectively, in the same order). Returns the global loss, identical on every
+    rank; its backward gives this rank the exact partial derivatives of the global loss w.r.t. its own scores.
+    Embeddings get no gradient. "diagonal" weighting needs Σ M_r = Σ N_r; the diagonal is taken in global
+    (concatenated) index order. Invalid input on any rank raises on every rank. For the gradient seen by the
+    optimizer under a DP wrapper that averages gradients, multiply this loss by
+    `data_parallel_loss_scale(process_group)` before backward.
+    """
+    from rpo.ops.contrast import _validate  # the op's argument checks, shared rather than duplicated
+
+    if process_group is None:
+        raise ValueError("global_contrast_loss: process_group is None; use rpo.ops.contrast_loss for one process")
+    local_error = None
+    try:
+        # The diagonal's shape can only be checked on the global sizes (below); locally it is any M_r × N_r.
+        _validate("rpo.distributed.global_contrast_loss", chosen_scores, rejected_scores, chosen_embeddings,
+                  rejected_embeddings, beta=beta, margin=margin, tau=tau, alpha=alpha,
+                  weighting="uniform" if weighting == "diagonal" else weighting,
+                  weight_normalization=weight_normalization, allow_empty=True, square_diagonal=False)
+    except (TypeError, ValueError) as error:
+        local_error = error
+    if weighting != "embedding":
+        chosen_embeddings = rejected_embeddings = None
+    needs_grad = local_error is None and torch.is_grad_enabled() and (
+        chosen_scores.requires_grad or rejected_scores.requires_grad)
+    rows = _exchange_headers(chosen_scores, rejected_scores, rejected_embeddings, needs_grad, local_error,
+                             process_group)
+    _check_global_shape(rows, weighting)
+    options = dict(beta=beta, margin=margin, tau=tau, alpha=alpha, weighting=weighting,
+                   weight_normalization=weight_normalization)
+    return _GlobalContrastLoss.apply(chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings,
+                                     options, rows, process_group)

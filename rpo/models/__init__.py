@@ -1,0 +1,34 @@
+"""megatron-core models for rpo: LLaMA-family and Mistral GPTModels from HF configs, HF checkpoints in and out,
+tensor/data-parallel setup, chunked vocab-parallel log-probs, and the embedded default model.
+
+megatron-core is imported lazily (inside functions), so `import rpo.models` stays cheap.
+"""
+from rpo.models.default_model import default_model_path
+from rpo.models.gpt import (
+    GPTModelInfo,
+    attention_mask_for,
+    build_gpt_model,
+    forward_hidden_states,
+    model_info,
+    padded_vocab_size,
+    transformer_config_from_hf,
+    unwrap,
+)
+from rpo.models.hf_checkpoint import gather_hf_state, load_hf_weights, write_hf_folder
+from rpo.models.logprobs import (
+    SequenceLogProbs,
+    concat_batches,
+    sequence_logprobs,
+    sequence_logprobs_full_logits,
+    vocab_parallel_token_logprobs,
+)
+from rpo.models.parallel import ParallelInfo, init_parallel, parallel_info, set_seed, teardown
+from rpo.models.policy import load_hf_config, load_policy, reference_model, resolve_dtype, save_hf
+
+__all__ = [
+    "GPTModelInfo", "ParallelInfo", "SequenceLogProbs", "attention_mask_for", "build_gpt_model", "concat_batches",
+    "default_model_path", "forward_hidden_states", "gather_hf_state", "init_parallel", "load_hf_config",
+    "load_hf_weights", "load_policy", "model_info", "padded_vocab_size", "parallel_info", "reference_model",
+    "resolve_dtype", "save_hf", "sequence_logprobs", "sequence_logprobs_full_logits", "set_seed", "teardown",
+    "transformer_config_from_hf", "unwrap", "vocab_parallel_token_logprobs", "write_hf_folder",
+]

@@ -1,0 +1,172 @@
+"""Per-sequence log-probabilities of response tokens from a (tensor-parallel) megatron GPTModel.
+
+Batch: {input_ids [R, T], attention_mask [R, T] (1 = real token), loss_mask [R, T] bool}. loss_mask[r, t] is True
+where input_ids[r, t] is a response token; its log-prob is log p(input_ids[r, t] | input_ids[r, <t]), so t ≥ 1.
+All R rows (chosen then rejected) go through one forward.
+
+Memory: the decoder's final hidden states are computed once; the response positions are gathered and pushed
+through the output layer in chunks of `chunk_size` tokens along the sequence, each chunk's fp32 logits feeding
+megatron's vocab-parallel cross-entropy and being freed at once. Under autograd each chunk is checkpointed
+(non-reentrant, so the output weight's gradient still arrives once per backward, as megatron's DDP requires) and
+recomputed in backward. Peak log-prob memory is O(chunk_size × padded_vocab / TP), never the whole batch's logits.
+Padded vocabulary columns are set to the float32 minimum before the softmax, so they carry no probability.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from rpo.models import gpt as gpt_lib
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass
+class SequenceLogProbs:
+    sums: torch.Tensor  # [R] float32: Σ_t loss_mask · log p, differentiable
+    counts: torch.Tensor  # [R] int64: response tokens per row
+    token_logprobs: torch.Tensor | None  # [R, T] float32, 0 where loss_mask is False
+
+
+def validate_batch(batch: Mapping[str, torch.Tensor], vocab_size: int):
+    """Check a log-prob batch; returns (input_ids, attention_mask, loss_mask) with pad ids replaced by 0."""
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing} (needs {list(BATCH_KEYS)})")
+    input_ids, attention_mask, loss_mask = (batch[key] for key in BATCH_KEYS)
+    for key, value in zip(BATCH_KEYS, (input_ids, attention_mask, loss_mask)):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2:
+            raise ValueError(f"batch[{key!r}] must be a 2-D tensor [rows, tokens], got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+    if attention_mask.shape != input_ids.shape or loss_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and "
+                         f"loss_mask {tuple(loss_mask.shape)} must have the same shape")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"batch['input_ids'] must hold integer token ids, got dtype {input_ids.dtype}")
+    if loss_mask.dtype != torch.bool:
+        raise ValueError(f"batch['loss_mask'] must be a bool tensor, got dtype {loss_mask.dtype}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"sequences need at least 2 tokens to score a response, got T={input_ids.shape[1]}")
+    attended = attention_mask.bool()
+
+    def rows(bad: torch.Tensor) -> list[int]:
+        return bad.nonzero().flatten().tolist()[:10]
+
+    if loss_mask[:, 0].any():
+        raise ValueError(f"loss_mask[:, 0] is True in rows {rows(loss_mask[:, 0])}: the first token has no context")
+    outside = (loss_mask & ~attended).any(dim=1)
+    if outside.any():
+        raise ValueError(f"loss_mask marks padding (attention_mask == 0) in rows {rows(outside)}")
+    out_of_range = (attended & ((input_ids < 0) | (input_ids >= vocab_size))).any(dim=1)
+    if out_of_range.any():
+        raise ValueError(f"input_ids outside [0, {vocab_size}) at attended positions in rows {rows(out_of_range)}")
+    # Padding ids (often -100 or a pad id) never influence attended positions; 0 keeps the embedding lookup valid.
+    return input_ids.masked_fill(~attended, 0), attended.long(), loss_mask
+
+
+def vocab_parallel_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log p(target) from this TP rank's vocabulary shard of the logits [..., padded_vocab/TP]; float32.
+
+    Columns at global index ≥ vocab_size (padding) are excluded from the softmax.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    width = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    valid = min(max(vocab_size - start, 0), width)
+    logits = logits.float().contiguous()  # the cross-entropy views it as [-1, width]
+    if valid < width:
+        padding = torch.arange(width, device=logits.device) >= valid
+        logits = logits.masked_fill(padding, torch.finfo(torch.float32).min)
+    # vocab_parallel_cross_entropy overwrites its float32 input in place; `logits` is not used again.
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, output_layer, weight, vocab_size: int):
+    # output_layer (ColumnParallelLinear) wants [s, b, h]; one "batch" column of n selected positions.
+    logits, _ = output_layer(hidden.unsqueeze(1), weight=weight)
+    return vocab_parallel_token_logprobs(logits, targets.unsqueeze(1), vocab_size).squeeze(1)
+
+
+def logprobs_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE, return_token_logprobs: bool = True
+                         ) -> SequenceLogProbs:
+    """Response-token log-probs from final hidden states [T, R, h] (see module docstring for the chunking)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    gpt = gpt_lib.unwrap(model)
+    vocab_size = gpt_lib.model_info(gpt).vocab_size
+    weight = gpt_lib.output_weight(gpt)
+    layer_dtype = (weight if weight is not None else gpt.output_layer.weight).dtype
+    rows, length = input_ids.shape
+    scored = loss_mask[:, 1:].t()  # [T-1, R]: position t+1 is predicted from hidden state t
+    selected = hidden[:-1][scored].to(layer_dtype)  # [n, h], in sequence order
+    targets = input_ids[:, 1:].t()[scored]
+    use_checkpoint = torch.is_grad_enabled() and selected.requires_grad
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_size):
+        args = (selected[start:start + chunk_size], targets[start:start + chunk_size], gpt.output_layer, weight,
+                vocab_size)
+        if use_checkpoint:
+            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    logp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    per_token = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, logp)
+    token_logprobs = None
+    if return_token_logprobs:
+        token_logprobs = torch.cat([per_token.new_zeros(rows, 1), per_token.t()], dim=1)
+    return SequenceLogProbs(sums=per_token.sum(dim=0), counts=loss_mask.sum(dim=1), token_logprobs=token_logprobs)
+
+
+def _on_device(model, tensor: torch.Tensor) -> torch.Tensor:
+    device = next(gpt_lib.unwrap(model).parameters()).device
+    return tensor.to(device)
+
+
+def sequence_logprobs(model, batch: Mapping[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE,
+                      return_token_logprobs: bool = True) -> SequenceLogProbs:
+    """Per-sequence sums and counts of response-token log-probs; one forward of all rows, chunked logits.
+
+    `model` is a GPTModel built by rpo.models (optionally wrapped in megatron DDP / Float16Module). Every TP rank
+    of a group passes the same batch and gets the same result.
+    """
+    info = gpt_lib.model_info(model)
+    input_ids, attention_mask, loss_mask = (_on_device(model, t) for t in validate_batch(batch, info.vocab_size))
+    hidden = gpt_lib.forward_hidden_states(model, input_ids, attention_mask)
+    return logprobs_from_hidden(model, hidden, input_ids, loss_mask, chunk_size, return_token_logprobs)
+
+
+def sequence_logprobs_full_logits(model, batch: Mapping[str, torch.Tensor]) -> SequenceLogProbs:
+    """Reference path: GPTModel's own forward to full logits [R, T, padded_vocab/TP], no chunking.
+
+    Materialises the whole batch's logits; meant for tests and debugging.
+    """
+    info = gpt_lib.model_info(model)
+    input_ids, attention_mask, loss_mask = (_on_device(model, t) for t in validate_batch(batch, info.vocab_size))
+    logits = gpt_lib.full_logits(model, input_ids, attention_mask)
+    logp = vocab_parallel_token_logprobs(logits[:, :-1], input_ids[:, 1:], info.vocab_size)
+    per_token = torch.cat([logp.new_zeros(logp.shape[0], 1), logp], dim=1) * loss_mask
+    return SequenceLogProbs(sums=per_token.sum(dim=1), counts=loss_mask.sum(dim=1), token_logprobs=per_token)
+
+
+def concat_batches(*batches: Mapping[str, torch.Tensor], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack batches row-wise (e.g. chosen then rejected), right-padding each to the longest T."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    length = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key in BATCH_KEYS:
+        fill = pad_token_id if key == "input_ids" else 0
+        parts = []
+        for i, b in enumerate(batches):
+            if key not in b:
+                raise KeyError(f"batch {i} is missing {key!r}")
+            t = b[key]
+            parts.append(torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill))
+        out[key] = torch.cat(parts, dim=0)
+    return out

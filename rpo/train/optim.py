@@ -1,0 +1,127 @@
+"""Optimiser and learning-rate schedule over Megatron-core DDP's gradient buffers.
+
+A torch optimiser (RMSprop, the paper's; AdamW; SGD) wrapped by megatron-core's `FP32Optimizer` (float32 runs) or
+`Float16OptimizerWithFloat16Params` (bfloat16 runs: the wrapper keeps fp32 master weights, steps them with the fp32
+`main_grad` that DDP accumulates, and copies back to the bf16 model). Megatron-core computes the global gradient
+norm the model-parallel way (tensor-parallel duplicates such as norm weights counted once, summed over the
+model-parallel group) and clips by it. The schedule is a linear warmup then constant or cosine, as a torch
+`LambdaLR` on the inner optimiser.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Dict, List
+
+import torch
+
+from rpo.train.config import TrainConfig
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+
+logger = logging.getLogger(__name__)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    # Norm weights and biases (1-D) take no weight decay, as in Megatron-LM and most LLM recipes.
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def _torch_optimizer(config: TrainConfig, groups) -> torch.optim.Optimizer:
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.lr, alpha=config.rmsprop_alpha, eps=config.eps,
+                                   momentum=config.momentum)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.eps)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    raise ValueError(f"--optimizer: unknown optimiser {config.optimizer!r}")
+
+
+def lr_factor(update: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for the `update`-th optimiser update (1-based).
+
+    Warmup: update k < warmup uses k / warmup (never 0, so no update is wasted). Cosine: from the first update after
+    the warmup (factor 1) down towards min_lr_ratio, reached just after the last update.
+    """
+    if warmup_steps > 0 and update <= warmup_steps:
+        return update / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (update - warmup_steps - 1) / decay_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainOptimizer:
+    """The step the trainer calls after DDP's gradient sync: grads in, clipped update out, schedule advanced."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, *, bf16: bool, total_steps: int):
+        self.config = config
+        inner = _torch_optimizer(config, _param_groups(model, config.weight_decay))
+        megatron_config = OptimizerConfig(
+            optimizer="sgd" if config.optimizer == "sgd" else "adam",  # only read for defaults we do not use
+            lr=config.lr, weight_decay=config.weight_decay, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=config.grad_clip,
+            log_num_zeros_in_grad=False)
+        if bf16:
+            # bf16 needs no loss scaling (same exponent range as fp32): grad_scaler=None.
+            self.megatron_optimizer = Float16OptimizerWithFloat16Params(inner, megatron_config, None, _no_init)
+        else:
+            self.megatron_optimizer = FP32Optimizer(inner, megatron_config, _no_init)
+        self.inner = inner
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            inner, lambda index: lr_factor(index + 1, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                           schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio))
+        self.skipped_updates = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update uses."""
+        return self.inner.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        self.megatron_optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Clip and apply the update; returns the global gradient norm (before clipping).
+
+        A non-finite norm (a diverged loss) skips the update, counted in `skipped_updates` and logged.
+        """
+        optimizer = self.megatron_optimizer
+        optimizer.prepare_grads()  # main_grad -> .grad (and fp32 masters for bf16)
+        if self.config.grad_clip > 0:
+            grad_norm = float(optimizer.clip_grad_norm(self.config.grad_clip))
+        else:
+            grad_norm = float(optimizer.get_grad_norm())
+        if math.isfinite(grad_norm):
+            optimizer.step_with_ready_grads()
+        else:
+            self.skipped_updates += 1
+            logger.warning("gradient norm is %s: update skipped (%d so far)", grad_norm, self.skipped_updates)
+        self.scheduler.step()
+        return grad_norm
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": self.megatron_optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "skipped_updates": self.skipped_updates}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.megatron_optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_updates = state["skipped_updates"]
+
+
+def _no_init(optimizer, config=None):
+    # torch optimisers create their state lazily on the first step and load_state_dict accepts a fresh one.
+    return None
