@@ -126,8 +126,12 @@ def _machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from rpo.ops import extension_available
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "backend": "gloo", "date": datetime.date.today().isoformat()}
+            "backend": "gloo", "rpo_extension": extension_available(), "date": datetime.date.today().isoformat(),
+            # other work on the machine skews the timings: record how busy it was
+            "load_average_1min_after": round(os.getloadavg()[0], 2)}
 
 
 def main(argv=None):

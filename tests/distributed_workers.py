@@ -122,9 +122,7 @@ def parameter_grads(model):
 
 
 # ---- worker sections -------------------------------------------------------------------------------------------
-def _run_loss_cases(rank, world_size, group, results):
-    from rpo.ops import contrast_loss
-
+def _run_loss_cases(rank, world_size, group, results, loss_fn, prefix=""):
     for case in loss_cases():
         sizes = SPLITS[case["split"]][world_size]
         rows, columns = shard_slices(sizes, rank)
@@ -132,18 +130,17 @@ def _run_loss_cases(rank, world_size, group, results):
         local_chosen = chosen[rows].clone().requires_grad_(True)
         local_rejected = rejected[columns].clone().requires_grad_(True)
         options = {k: case[k] for k in ("beta", "weighting", "weight_normalization", "tau", "alpha", "margin")}
-        loss = contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows],
-                             rejected_embeddings=rejected_embeddings[columns], process_group=group, **options)
+        loss = loss_fn(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows],
+                       rejected_embeddings=rejected_embeddings[columns], process_group=group, **options)
         connected = loss.requires_grad and loss.grad_fn is not None
         loss.backward()
-        results[case["name"]] = dict(loss=loss.detach(), grad_chosen=local_chosen.grad.clone(),
+        results[prefix + case["name"]] = dict(loss=loss.detach(), grad_chosen=local_chosen.grad.clone(),
                                      grad_rejected=local_rejected.grad.clone(), connected=connected)
 
 
 def _run_special_cases(rank, world_size, group, results):
-    """Direct API call, no-grad ranks, bfloat16, and errors every rank must raise together."""
+    """No-grad ranks, bfloat16, and errors every rank must raise together (called directly, not via rpo.ops)."""
     from rpo.distributed import global_contrast_loss
-    from rpo.ops import contrast_loss
 
     split = "unpaired"
     sizes = SPLITS[split][world_size]
@@ -151,21 +148,12 @@ def _run_special_cases(rank, world_size, group, results):
     chosen, rejected, chosen_embeddings, rejected_embeddings = global_batch(split)
     options = dict(beta=BETA, weighting="embedding", weight_normalization="row", tau=0.75, margin=0.0)
 
-    # global_contrast_loss called directly (not through rpo.ops.contrast_loss).
-    local_chosen = chosen[rows].clone().requires_grad_(True)
-    local_rejected = rejected[columns].clone().requires_grad_(True)
-    loss = global_contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows],
-                                rejected_embeddings=rejected_embeddings[columns], process_group=group, **options)
-    loss.backward()
-    results["direct"] = dict(loss=loss.detach(), grad_chosen=local_chosen.grad.clone(),
-                             grad_rejected=local_rejected.grad.clone())
-
     # Rank 0 evaluates without grad while the others train: the collectives must still match.
     local_chosen = chosen[rows].clone().requires_grad_(rank != 0)
     local_rejected = rejected[columns].clone().requires_grad_(rank != 0)
     with torch.set_grad_enabled(rank != 0):
-        loss = contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows],
-                             rejected_embeddings=rejected_embeddings[columns], process_group=group, **options)
+        loss = global_contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows],
+                                    rejected_embeddings=rejected_embeddings[columns], process_group=group, **options)
     entry = dict(loss=loss.detach(), requires_grad=loss.requires_grad)
     if rank != 0:
         loss.backward()
@@ -175,8 +163,9 @@ def _run_special_cases(rank, world_size, group, results):
     # bfloat16 scores (computed in float32 by the op, gradients returned in bfloat16).
     local_chosen = chosen[rows].to(torch.bfloat16).requires_grad_(True)
     local_rejected = rejected[columns].to(torch.bfloat16).requires_grad_(True)
-    loss = contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows].float(),
-                         rejected_embeddings=rejected_embeddings[columns].float(), process_group=group, **options)
+    loss = global_contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows].float(),
+                                rejected_embeddings=rejected_embeddings[columns].float(), process_group=group,
+                                **options)
     loss.backward()
     results["bfloat16"] = dict(loss=loss.detach(), grad_chosen=local_chosen.grad.clone(),
                                grad_rejected=local_rejected.grad.clone())
@@ -186,26 +175,44 @@ def _run_special_cases(rank, world_size, group, results):
     non_square = [(3, 2)] + [(1, 1)] * (world_size - 1)
     m, n = non_square[rank]
     try:
-        contrast_loss(torch.zeros(m, dtype=torch.float64, requires_grad=True),
-                      torch.zeros(n, dtype=torch.float64, requires_grad=True), beta=BETA, weighting="diagonal",
-                      process_group=group)
+        global_contrast_loss(torch.zeros(m, dtype=torch.float64, requires_grad=True),
+                             torch.zeros(n, dtype=torch.float64, requires_grad=True), beta=BETA,
+                             weighting="diagonal", process_group=group)
         errors["diagonal_non_square"] = None
     except ValueError as error:
         errors["diagonal_non_square"] = str(error)
     width = EMBEDDING_DIM + (1 if rank == world_size - 1 else 0)
     try:
-        contrast_loss(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), beta=BETA,
-                      chosen_embeddings=torch.ones(2, width, dtype=torch.float64),
-                      rejected_embeddings=torch.ones(2, width, dtype=torch.float64), process_group=group)
+        global_contrast_loss(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), beta=BETA,
+                             chosen_embeddings=torch.ones(2, width, dtype=torch.float64),
+                             rejected_embeddings=torch.ones(2, width, dtype=torch.float64), process_group=group)
         errors["embedding_width_mismatch"] = None
     except ValueError as error:
         errors["embedding_width_mismatch"] = str(error)
+    # A NaN score on the last rank only: that rank names it, the others say which rank failed; nobody hangs.
+    scores = torch.zeros(2, dtype=torch.float64)
+    if rank == world_size - 1:
+        scores[1] = float("nan")
+    try:
+        global_contrast_loss(scores, torch.zeros(2, dtype=torch.float64), beta=BETA, weighting="uniform",
+                             process_group=group)
+        errors["nan_on_last_rank"] = None
+    except ValueError as error:
+        errors["nan_on_last_rank"] = str(error)
     results["errors"] = errors
+    # The group is still in step after the errors.
+    local_chosen = chosen[rows].clone().requires_grad_(True)
+    local_rejected = rejected[columns].clone().requires_grad_(True)
+    loss = global_contrast_loss(local_chosen, local_rejected, chosen_embeddings=chosen_embeddings[rows],
+                                rejected_embeddings=rejected_embeddings[columns], process_group=group, **options)
+    loss.backward()
+    results["after_errors"] = dict(loss=loss.detach(), grad_chosen=local_chosen.grad.clone(),
+                                   grad_rejected=local_rejected.grad.clone())
 
 
 def _run_subgroups(rank, world_size, results):
     """Data-parallel group smaller than the world (as with tensor parallelism): {0} and {1, 2}."""
-    from rpo.ops import contrast_loss
+    from rpo.distributed import global_contrast_loss
 
     solo, pair = dist.new_group([0]), dist.new_group([1, 2])  # every rank must create every group
     group, group_sizes = (solo, [(4, 3)]) if rank == 0 else (pair, [(1, 2), (3, 1)])
@@ -214,8 +221,9 @@ def _run_subgroups(rank, world_size, results):
     chosen, rejected, chosen_embeddings, rejected_embeddings = global_batch("unpaired", seed=int(rank == 0))
     local_chosen = chosen[:4][rows].clone().requires_grad_(True)
     local_rejected = rejected[:3][columns].clone().requires_grad_(True)
-    loss = contrast_loss(local_chosen, local_rejected, beta=BETA, chosen_embeddings=chosen_embeddings[:4][rows],
-                         rejected_embeddings=rejected_embeddings[:3][columns], tau=0.75, process_group=group)
+    loss = global_contrast_loss(local_chosen, local_rejected, beta=BETA, tau=0.75, process_group=group,
+                                chosen_embeddings=chosen_embeddings[:4][rows],
+                                rejected_embeddings=rejected_embeddings[:3][columns])
     loss.backward()
     results["subgroup"] = dict(loss=loss.detach(), grad_chosen=local_chosen.grad.clone(),
                                grad_rejected=local_rejected.grad.clone(), group_sizes=group_sizes,
@@ -258,27 +266,58 @@ def _run_model_sections(rank, world_size, group, results):
 
 
 def worker(rank, world_size, store_path, out_dir, sections):
+    from rpo.distributed import global_contrast_loss
+    from rpo.ops import contrast_loss
+
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
     group = dist.group.WORLD
+    runners = {
+        "loss_cases": lambda results: _run_loss_cases(rank, world_size, group, results, global_contrast_loss),
+        "special_cases": lambda results: _run_special_cases(rank, world_size, group, results),
+        "subgroups": lambda results: _run_subgroups(rank, world_size, results),
+        "model": lambda results: _run_model_sections(rank, world_size, group, results),
+        # The same cases through the public rpo.ops.contrast_loss(process_group=...): run last, so that a
+        # failure there (which ends the launch) leaves the other sections' results in place.
+        "public_api": lambda results: _run_loss_cases(rank, world_size, group, results, contrast_loss, "public:"),
+    }
     results = {}
     try:
-        if "loss_cases" in sections:
-            _run_loss_cases(rank, world_size, group, results)
-        if "special_cases" in sections:
-            _run_special_cases(rank, world_size, group, results)
-        if "subgroups" in sections:
-            _run_subgroups(rank, world_size, results)
-        if "model" in sections:
-            _run_model_sections(rank, world_size, group, results)
+        for section in sections:
+            runners[section](results)
+            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))  # saved per section, see public_api
     finally:
         dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def launch(world_size: int, out_dir: str, sections) -> list:
-    """Spawn `world_size` gloo ranks running `sections`; return each rank's results, in rank order."""
+class Launch:
+    """The per-rank results of one launch, and the error that ended it early (None if it completed)."""
+
+    def __init__(self, ranks, error):
+        self.ranks, self.error = ranks, error
+
+    def case(self, name):
+        """[rank 0's result, rank 1's, ...] for `name`; fails the test with the launch's error if it is missing."""
+        missing = [rank for rank, results in enumerate(self.ranks) if name not in results]
+        if missing:
+            raise AssertionError(f"no result for {name!r} on rank(s) {missing}: the launch failed first:\n{self.error}")
+        return [results[name] for results in self.ranks]
+
+    def __len__(self):
+        return len(self.ranks)
+
+
+def launch(world_size: int, out_dir: str, sections) -> Launch:
+    """Spawn `world_size` gloo ranks running `sections` in order; collect what each rank saved."""
     store_path = os.path.join(out_dir, "filestore")
-    mp.spawn(worker, args=(world_size, store_path, out_dir, tuple(sections)), nprocs=world_size, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+    error = None
+    try:
+        mp.spawn(worker, args=(world_size, store_path, out_dir, tuple(sections)), nprocs=world_size, join=True)
+    except Exception as exc:  # reported by the tests whose results are missing
+        error = f"{type(exc).__name__}: {exc}"
+    ranks = []
+    for rank in range(world_size):
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        ranks.append(torch.load(path) if os.path.exists(path) else {})
+    return Launch(ranks, error)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,20 +95,44 @@ def _sgd_step(model, batch, lr: float, clip: float, dtype, rows=None):
     return ddp, opt, float(losses[0]), float(grad_norm), bool(ok)
 
 
-def _max_saved_numel(fn) -> int:
-    """Largest tensor autograd saves while `fn` runs (forward) and while its backward recomputes."""
-    import torch
+def _optimizer_class(opt) -> str:
+    # get_megatron_optimizer wraps its optimizers in a ChainedOptimizer.
+    inner = getattr(opt, "chained_optimizers", [opt])
+    return type(inner[0]).__name__
 
-    sizes = []
+
+def _vocab_tensor_stats(fn, width: int, hidden: int) -> tuple[int, int]:
+    """Run fn() and backward; returns (largest tensor of shape [..., width] any op produced in forward or
+    backward, total numel of such tensors autograd kept from forward for backward). The transposed output
+    weight [hidden, width] is not activation memory and is skipped."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    largest, saved = [0], [0]
+
+    def vocab_sized(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == width and \
+            tuple(t.shape) != (hidden, width)
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if vocab_sized(t):
+                    largest[0] = max(largest[0], t.numel())
+            return out
 
     def pack(t):
-        sizes.append(t.numel())
+        if vocab_sized(t):
+            saved[0] += t.numel()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    with Sizes():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
         out.sum().backward()
-    return max(sizes)
+    return largest[0], saved[0]
 
 
 def phase_tp2(workdir: Path, spec: dict, res: dict) -> None:
@@ -145,11 +170,12 @@ def phase_tp2(workdir: Path, spec: dict, res: dict) -> None:
     with torch.no_grad():
         hidden = forward_hidden_states(model, ids, am)
     hidden.requires_grad_(True)
+    width, hidden_size = unwrap(model).output_layer.weight.shape
     res["mem/chunk_size"] = 4
-    res["mem/chunked_max_saved"] = _max_saved_numel(
-        lambda: logprobs_from_hidden(model, hidden, ids, lm, chunk_size=4).sums)
-    res["mem/unchunked_max_saved"] = _max_saved_numel(
-        lambda: logprobs_from_hidden(model, hidden, ids, lm, chunk_size=10**9).sums)
+    res["mem/chunked"] = _vocab_tensor_stats(
+        lambda: logprobs_from_hidden(model, hidden, ids, lm, chunk_size=4).sums, width, hidden_size)
+    res["mem/unchunked"] = _vocab_tensor_stats(
+        lambda: logprobs_from_hidden(model, hidden, ids, lm, chunk_size=10**9).sums, width, hidden_size)
     res["mem/padded_vocab_per_rank"] = unwrap(model).output_layer.weight.shape[0]
     res["mem/response_tokens"] = int(lm[:, 1:].sum())
 
@@ -157,7 +183,8 @@ def phase_tp2(workdir: Path, spec: dict, res: dict) -> None:
     (workdir / "ckpt-llama-tp2").mkdir(exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(workdir / "ckpt-llama-tp2"))
 
-    # DDP + megatron SGD with clipping, TP=2, DP=1, whole batch.
+    # DDP + megatron SGD with clipping, TP=2, DP=1, whole batch (a fresh model: no stale .grad from above).
+    model, cfg, _ = load_policy(workdir / "llama", tp_size=2)
     ddp, opt, loss, grad_norm, ok = _sgd_step(model, batch, spec["lr"], spec["clip"], torch.float32)
     res["sgd_tp2/loss"], res["sgd_tp2/grad_norm"], res["sgd_tp2/ok"] = loss, grad_norm, ok
     save_hf(ddp, cfg, workdir / "export-sgd-tp2", tokenizer_src=workdir / "llama")
@@ -183,11 +210,10 @@ def phase_tp2(workdir: Path, spec: dict, res: dict) -> None:
         grad_reduce_in_fp32=True, use_distributed_optimizer=True))
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=0.0,
                                                  use_distributed_optimizer=True), [ddp])
-    res["distopt/class"] = type(opt).__name__ if not hasattr(opt, "chained_optimizers") else \
-        type(opt.chained_optimizers[0]).__name__
+    res["distopt/class"] = _optimizer_class(opt)
 
 
-def phase_tp1(workdir: Path, spec: dict, res: dict, rank: int) -> None:
+def phase_tp1(workdir: Path, spec: dict, res: dict) -> None:
     import torch
     from megatron.core import dist_checkpointing
 
@@ -226,7 +252,7 @@ def phase_tp1(workdir: Path, spec: dict, res: dict, rank: int) -> None:
         res["bf16/token_logprobs"] = sequence_logprobs(model, _rows(batch, mine)).token_logprobs
     ddp, opt, loss, grad_norm, ok = _sgd_step(model, batch, spec["lr_bf16"], 0.0, torch.bfloat16,
                                               rows=list(range(info.dp_rank * half, (info.dp_rank + 1) * half)))
-    res["bf16/optimizer"] = type(opt).__name__
+    res["bf16/optimizer"] = _optimizer_class(opt)
     save_hf(ddp, cfg, workdir / "export-sgd-bf16", tokenizer_src=workdir / "llama")
 
 
@@ -239,8 +265,11 @@ def main(workdir: Path) -> None:
     spec = json.loads((workdir / "spec.json").read_text())
     res: dict = {}
     try:
+        start = time.time()
         phase_tp2(workdir, spec, res)
-        phase_tp1(workdir, spec, res, dist.get_rank())
+        res["time/tp2"] = time.time() - start
+        phase_tp1(workdir, spec, res)
+        res["time/tp1"] = time.time() - start - res["time/tp2"]
         torch.save(res, workdir / f"results-rank{dist.get_rank()}.pt")
     finally:
         teardown()

@@ -48,13 +48,13 @@ def reference_with_grads(chosen, rejected, **options):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return workers.launch(2, str(tmp_path_factory.mktemp("two_ranks")),
-                          ["loss_cases", "special_cases", "model"])
+                          ["loss_cases", "special_cases", "model", "public_api"])
 
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory):
     return workers.launch(3, str(tmp_path_factory.mktemp("three_ranks")),
-                          ["loss_cases", "special_cases", "subgroups"])
+                          ["loss_cases", "special_cases", "subgroups", "public_api"])
 
 
 @pytest.fixture(params=[2, 3], ids=["2ranks", "3ranks"])
@@ -68,8 +68,7 @@ def assert_matches_reference(ranks, name, split, options, *, tolerance=TOLERANCE
     loss, grad_chosen, grad_rejected = reference_with_grads(
         chosen, rejected, chosen_embeddings=chosen_embeddings, rejected_embeddings=rejected_embeddings, **options)
     sizes = workers.SPLITS[split][len(ranks)]
-    for rank, results in enumerate(ranks):
-        got = results[name]
+    for rank, got in enumerate(ranks.case(name)):
         rows, columns = workers.shard_slices(sizes, rank)
         torch.testing.assert_close(got["loss"].double(), loss, **tolerance, msg=f"{name}: loss on rank {rank}")
         torch.testing.assert_close(got["grad_chosen"].double(), grad_chosen[rows], **tolerance,
@@ -78,19 +77,26 @@ def assert_matches_reference(ranks, name, split, options, *, tolerance=TOLERANCE
                                    msg=f"{name}: d loss / d rejected on rank {rank}")
 
 
+def case_options(case):
+    return {k: case[k] for k in ("beta", "weighting", "weight_normalization", "tau", "alpha", "margin")}
+
+
 @pytest.mark.parametrize("case", workers.loss_cases(), ids=lambda case: case["name"])
 def test_global_loss_equals_single_process(ranks, case):
-    options = {k: case[k] for k in ("beta", "weighting", "weight_normalization", "tau", "alpha", "margin")}
-    assert_matches_reference(ranks, case["name"], case["split"], options)
+    """rpo.distributed.global_contrast_loss on every split, weighting and normalisation."""
+    assert_matches_reference(ranks, case["name"], case["split"], case_options(case))
     # Empty shards too: the loss stays in the graph so every rank can call backward.
-    assert all(results[case["name"]]["connected"] for results in ranks)
+    assert all(got["connected"] for got in ranks.case(case["name"]))
+
+
+def test_public_contrast_loss_with_process_group(ranks):
+    """The same cases through rpo.ops.contrast_loss(process_group=...), the API users call."""
+    for case in workers.loss_cases():
+        assert_matches_reference(ranks, "public:" + case["name"], case["split"], case_options(case))
+        assert all(got["connected"] for got in ranks.case("public:" + case["name"]))
 
 
 UNPAIRED_OPTIONS = dict(beta=workers.BETA, weighting="embedding", weight_normalization="row", tau=0.75, margin=0.0)
-
-
-def test_direct_global_contrast_loss_call(ranks):
-    assert_matches_reference(ranks, "direct", "unpaired", UNPAIRED_OPTIONS)
 
 
 def test_rank_without_grad_still_matches(ranks):
@@ -100,8 +106,7 @@ def test_rank_without_grad_still_matches(ranks):
         chosen, rejected, chosen_embeddings=chosen_embeddings, rejected_embeddings=rejected_embeddings,
         **UNPAIRED_OPTIONS)
     sizes = workers.SPLITS["unpaired"][len(ranks)]
-    for rank, results in enumerate(ranks):
-        got = results["rank0_no_grad"]
+    for rank, got in enumerate(ranks.case("rank0_no_grad")):
         torch.testing.assert_close(got["loss"], loss, **TOLERANCE)
         assert got["requires_grad"] == (rank != 0)
         if rank != 0:
@@ -111,26 +116,29 @@ def test_rank_without_grad_still_matches(ranks):
 
 
 def test_bfloat16_scores(ranks):
-    for results in ranks:
-        assert results["bfloat16"]["grad_chosen"].dtype == torch.bfloat16
-        assert results["bfloat16"]["loss"].dtype == torch.bfloat16
+    for got in ranks.case("bfloat16"):
+        assert got["grad_chosen"].dtype == torch.bfloat16
+        assert got["loss"].dtype == torch.bfloat16
     # bfloat16 keeps ~3 significant digits of the inputs and of the returned values.
     assert_matches_reference(ranks, "bfloat16", "unpaired", UNPAIRED_OPTIONS, tolerance=dict(rtol=3e-2, atol=3e-3))
 
 
 def test_inconsistent_global_batch_raises_on_every_rank(ranks):
-    for rank, results in enumerate(ranks):
-        errors = results["errors"]
+    for rank, errors in enumerate(ranks.case("errors")):
         assert errors["diagonal_non_square"] is not None, f"rank {rank} did not raise"
         assert "square" in errors["diagonal_non_square"] and "per-rank chosen [3, 1" in errors["diagonal_non_square"]
         assert errors["embedding_width_mismatch"] is not None, f"rank {rank} did not raise"
         assert "embedding dim differs" in errors["embedding_width_mismatch"]
+        if rank == len(ranks) - 1:
+            assert "chosen_scores has a non-finite value (nan) at index 1" in errors["nan_on_last_rank"]
+        else:
+            assert f"rank(s) [{len(ranks) - 1}] of the process group rejected" in errors["nan_on_last_rank"]
+    assert_matches_reference(ranks, "after_errors", "unpaired", UNPAIRED_OPTIONS)
 
 
 def test_data_parallel_subgroups(three_ranks):
     """Groups {0} (one rank) and {1, 2} run side by side; offsets come from the group rank, not the world rank."""
-    for rank, results in enumerate(three_ranks):
-        got = results["subgroup"]
+    for got in three_ranks.case("subgroup"):
         chosen, rejected, chosen_embeddings, rejected_embeddings = workers.global_batch("unpaired", seed=got["seed"])
         loss, grad_chosen, grad_rejected = reference_with_grads(
             chosen[:4], rejected[:3], chosen_embeddings=chosen_embeddings[:4],
@@ -159,14 +167,15 @@ def single_process_model_step():
 def test_two_pass_two_ranks_two_microbatches(two_ranks):
     loss, grads = single_process_model_step()
     # Without a DP wrapper each rank holds the gradient through its own sequences; their sum is the full gradient.
+    two_pass = two_ranks.case("two_pass")
     for name, grad in grads.items():
-        summed = sum(results["two_pass"]["grads"][name] for results in two_ranks)
+        summed = sum(got["grads"][name] for got in two_pass)
         torch.testing.assert_close(summed, grad, **TOLERANCE, msg=f"two-pass gradient of {name}")
     model = workers.make_model()
-    for rank, results in enumerate(two_ranks):
-        torch.testing.assert_close(results["two_pass"]["loss"], loss, **TOLERANCE)
+    for rank, got in enumerate(two_pass):
+        torch.testing.assert_close(got["loss"], loss, **TOLERANCE)
         local = workers.model_batch()[rank]
-        torch.testing.assert_close(results["two_pass"]["chosen_scores"],
+        torch.testing.assert_close(got["chosen_scores"],
                                    model(torch.cat([mb["chosen"] for mb in local])).detach(), **TOLERANCE)
 
 
@@ -174,10 +183,10 @@ def test_two_pass_two_ranks_two_microbatches(two_ranks):
 def test_ddp_gradients_equal_single_process(two_ranks, section):
     """Under DDP (which averages over W ranks) with the loss scaled by W, every rank's gradient is the full one."""
     loss, grads = single_process_model_step()
-    for rank, results in enumerate(two_ranks):
-        torch.testing.assert_close(results[section]["loss"], loss, **TOLERANCE)
+    for rank, got in enumerate(two_ranks.case(section)):
+        torch.testing.assert_close(got["loss"], loss, **TOLERANCE)
         for name, grad in grads.items():
-            torch.testing.assert_close(results[section]["grads"][name], grad, **TOLERANCE,
+            torch.testing.assert_close(got["grads"][name], grad, **TOLERANCE,
                                        msg=f"{section}: gradient of {name} on rank {rank}")
 
 

@@ -7,16 +7,12 @@ import copy
 import http.server
 import importlib.util
 import json
-import os
 import re
 import socket
 import statistics
 import threading
 import time
 from pathlib import Path
-
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_name, "1")
 
 import numpy as np
 import pytest
@@ -32,7 +28,7 @@ from rpo.evaluation.cli import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-MAX_LENGTH, MAX_PROMPT_LENGTH = 192, 96
+MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
@@ -102,7 +98,7 @@ def paired_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unpaired_file(tmp_path_factory):
-    rows = [json.loads(line) for line in (DATA / "unpaired.jsonl").read_text().splitlines()[:8]]
+    rows = [json.loads(line) for line in (DATA / "unpaired.jsonl").read_text().splitlines()[:6]]
     assert {row["label"] for row in rows} == {True, False}
     return write_jsonl(tmp_path_factory.mktemp("data") / "unpaired.jsonl", rows)
 
@@ -124,11 +120,18 @@ def float64_response_logp(model64, ids, mask):
     return float((token_log_probs * torch.tensor(list(mask)[1:], dtype=torch.float64)).sum())
 
 
+_FLOAT64_CACHE = {}
+
+
 def float64_logps(model, data, field):
-    model64 = copy.deepcopy(model).double()
+    """float64 response log-probs of every row of a tokenised data set (memoised: several tests reuse them)."""
     rows = data.rows
-    return np.array([float64_response_logp(model64, ids, mask)
-                     for ids, mask in zip(rows[f"{field}_input_ids"], rows[f"{field}_loss_mask"])])
+    key = (id(model), data.load_report.source, field, tuple(map(tuple, rows[f"{field}_input_ids"])))
+    if key not in _FLOAT64_CACHE:
+        model64 = copy.deepcopy(model).double()
+        _FLOAT64_CACHE[key] = np.array([float64_response_logp(model64, ids, mask) for ids, mask in
+                                        zip(rows[f"{field}_input_ids"], rows[f"{field}_loss_mask"])])
+    return _FLOAT64_CACHE[key]
 
 
 # --- log-probs and implicit rewards ------------------------------------------------------------------------------
@@ -582,6 +585,35 @@ def test_evaluate_cli_simpo_run_needs_no_reference(tmp_path, model_dirs, paired_
     assert result["reward_margin"] == pytest.approx(float(np.mean(chosen_r - rejected_r)), abs=1e-4)
 
 
+def test_evaluate_cli_run_held_out_uses_the_rows_training_held_out(tmp_path, model_dirs, models, tokenizer,
+                                                                   paired_file):
+    from rpo.train.config import TrainConfig
+
+    policy_dir, reference_dir = model_dirs
+    TrainConfig(model=str(reference_dir), dataset=str(paired_file), eval_split_fraction=0.34, seed=5, loss="dpo",
+                max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH).to_yaml(tmp_path / "config.yaml")
+    (tmp_path / "final").symlink_to(policy_dir)
+    out, rows_out = tmp_path / "eval.json", tmp_path / "rows.jsonl"
+    assert evaluate_main(["--model", str(tmp_path / "final"), "--run-held-out", "--output-json", str(out),
+                          "--per-example-output", str(rows_out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    held_out = [json.loads(line)["source_row"] for line in rows_out.read_text().splitlines()]
+    assert result["n"] == len(held_out) == round(6 * 0.34) and result["held_out_of_run"]
+    # The metrics are those of exactly these rows (float64 reference over the whole file, then selected).
+    data = tokenized(paired_file, tokenizer)
+    index = [list(data.rows["source_row"]).index(row) for row in held_out]
+    chosen_r = 0.1 * (float64_logps(models[0], data, "chosen") - float64_logps(models[1], data, "chosen"))[index]
+    rejected_r = 0.1 * (float64_logps(models[0], data, "rejected") - float64_logps(models[1], data, "rejected"))[index]
+    assert result["reward_margin"] == pytest.approx(float(np.mean(chosen_r - rejected_r)), abs=1e-4)
+    assert result["reward_accuracy"] == pytest.approx(float(np.mean(chosen_r > rejected_r)))
+    # A different seed holds out other rows (the split is the run's, not a fixed slice).
+    TrainConfig(model=str(reference_dir), dataset=str(paired_file), eval_split_fraction=0.34, seed=6, loss="dpo",
+                max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH).to_yaml(tmp_path / "config.yaml")
+    assert evaluate_main(["--model", str(tmp_path / "final"), "--run-held-out", "--per-example-output",
+                          str(rows_out), "--no-progress"]) == 0
+    assert [json.loads(line)["source_row"] for line in rows_out.read_text().splitlines()] != held_out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "d.jsonl"], "no --reference given and no config.yaml"),
     (["--dataset", "d.jsonl", "--judge", "local-reward"], "--judge local-reward needs --reward-fn"),
@@ -593,6 +625,8 @@ def test_evaluate_cli_simpo_run_needs_no_reference(tmp_path, model_dirs, paired_
     (["--dataset", "d.jsonl", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--dataset", "d.jsonl", "--top-p", "1.5"], "--top-p must be in"),
     ([], "nothing to evaluate"),
+    (["--run-held-out"], "--run-held-out: no config.yaml"),
+    (["--run-held-out", "--dataset", "d.jsonl"], "do not also give --dataset"),
 ])
 def test_evaluate_cli_errors(model_dirs, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -203,12 +203,15 @@ def test_chunked_equals_full_logits_values_and_grads(dist_run):
 
 
 def test_chunked_logprobs_peak_memory(dist_run):
-    """With chunk c, no tensor autograd keeps exceeds c × padded_vocab/TP; unchunked, one is n × vocab/TP."""
+    """Chunk c: no vocabulary-sized tensor larger than c × padded_vocab/TP is ever made, and none is kept from
+    forward to backward (chunks are recomputed); unchunked, one spans all n response tokens."""
     res = dist_run["results"][0]
     width, chunk, n = res["mem/padded_vocab_per_rank"], res["mem/chunk_size"], res["mem/response_tokens"]
     assert width == 256  # 300 padded to 512, over 2 ranks
-    assert res["mem/chunked_max_saved"] <= chunk * width
-    assert res["mem/unchunked_max_saved"] >= n * width > chunk * width
+    largest, kept = res["mem/chunked"]
+    assert 0 < largest <= chunk * width and kept == 0
+    largest, kept = res["mem/unchunked"]
+    assert largest >= n * width > chunk * width and kept == 0
 
 
 def test_bf16_logprobs_close_to_fp32(dist_run):
@@ -292,3 +295,336 @@ def test_reference_model_is_frozen_copy(dist_run):
         assert res["ref/params_equal"] and not res["ref/policy_params_share_storage"]
         assert not res["ref/requires_grad"] and not res["ref/training"]
         assert res["ref/logprob_max_diff"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The HF ↔ megatron mapping as pure functions (no processes): any TP size, bit-exact, and the fused layouts.
+
+@pytest.mark.parametrize("kind,tp_size", [("llama", 1), ("llama", 2), ("mistral", 2), ("llama4", 4)])
+def test_mapping_round_trip_any_tp(kind, tp_size):
+    from transformers import LlamaConfig
+
+    from rpo.models.gpt import padded_vocab_size
+    from rpo.models.hf_checkpoint import Layout, hf_to_megatron_state, megatron_to_hf_state
+
+    if kind == "llama4":  # 8 heads in 4 KV groups, so TP=4 divides both
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                             num_attention_heads=8, num_key_value_heads=4)
+        torch.manual_seed(0)
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_config(config).state_dict()
+    else:
+        config = tiny_config(kind)
+        state = tiny_hf_model(kind, 3).state_dict()
+    layout = Layout.from_hf(config, padded_vocab_size(VOCAB, tp_size))
+    shards = [hf_to_megatron_state(state, layout, rank, tp_size) for rank in range(tp_size)]
+    back = megatron_to_hf_state(shards, layout)
+    expected = {k: v for k, v in state.items() if not (layout.tied and k == "lm_head.weight")}
+    assert back.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(back[name], expected[name]), name
+
+
+def test_fused_layouts_per_rank():
+    """QKV: rank r holds whole KV groups, each as [its query heads; key; value]. fc1: rank r holds
+    [gate rows of r; up rows of r]. Checked against an explicit construction."""
+    from rpo.models.gpt import padded_vocab_size
+    from rpo.models.hf_checkpoint import Layout, hf_to_megatron_state
+
+    config = tiny_config("llama")
+    state = tiny_hf_model("llama", 4).state_dict()
+    layout = Layout.from_hf(config, padded_vocab_size(VOCAB, 2))
+    d, per_group = 16, 2  # head_dim, query heads per group
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    k = state["model.layers.0.self_attn.k_proj.weight"]
+    v = state["model.layers.0.self_attn.v_proj.weight"]
+    gate, up = state["model.layers.0.mlp.gate_proj.weight"], state["model.layers.0.mlp.up_proj.weight"]
+    for rank in range(2):  # 2 groups over 2 ranks: group g = rank
+        shard = hf_to_megatron_state(state, layout, rank, 2)
+        g = rank
+        expected_qkv = torch.cat([q[g * per_group * d:(g + 1) * per_group * d], k[g * d:(g + 1) * d],
+                                  v[g * d:(g + 1) * d]])
+        assert torch.equal(shard["decoder.layers.0.self_attention.linear_qkv.weight"], expected_qkv)
+        rows = slice(rank * 48, (rank + 1) * 48)
+        assert torch.equal(shard["decoder.layers.0.mlp.linear_fc1.weight"], torch.cat([gate[rows], up[rows]]))
+        emb = shard["embedding.word_embeddings.weight"]
+        assert emb.shape == (256, 64)
+        if rank == 1:  # rows 256..299 real, 300..511 zero padding
+            assert torch.equal(emb[:44], state["model.embed_tokens.weight"][256:]) and not emb[44:].any()
+
+
+def test_mapping_rejects_wrong_shapes():
+    from rpo.models.gpt import padded_vocab_size
+    from rpo.models.hf_checkpoint import Layout, hf_to_megatron_state
+
+    state = tiny_hf_model("llama", 3).state_dict()
+    state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(48, 64)
+    layout = Layout.from_hf(tiny_config("llama"), padded_vocab_size(VOCAB, 1))
+    with pytest.raises(ValueError, match="k_proj.weight has shape"):
+        hf_to_megatron_state(state, layout, 0, 1)
+    state = tiny_hf_model("llama", 3).state_dict()
+    del state["model.norm.weight"]
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        hf_to_megatron_state(state, layout, 0, 1)
+
+
+def test_padded_vocab_size():
+    from rpo.models.gpt import padded_vocab_size
+
+    assert padded_vocab_size(300, 1) == 384
+    assert padded_vocab_size(300, 2) == 512
+    assert padded_vocab_size(49152, 1) == 49152 and padded_vocab_size(49152, 4) == 49152
+    assert padded_vocab_size(32000, 8, divisible_by=64) == 32256
+    with pytest.raises(ValueError):
+        padded_vocab_size(0, 1)
+
+
+def test_config_errors_name_the_option():
+    from transformers import LlamaConfig
+
+    from rpo.models.gpt import rope_settings, transformer_config_from_hf
+
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        transformer_config_from_hf(tiny_config("llama"), tp_size=4)
+    with pytest.raises(ValueError, match="hidden_act"):
+        transformer_config_from_hf(LlamaConfig(hidden_act="gelu"), tp_size=1)
+    with pytest.raises(ValueError, match="attention_bias"):
+        transformer_config_from_hf(LlamaConfig(attention_bias=True), tp_size=1)
+    llama3 = LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    assert rope_settings(llama3) == {"rotary_base": 500000.0, "rope_scaling": True, "rope_scaling_factor": 32.0}
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        rope_settings(LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}))
+
+
+def test_transformer_config_takes_eps_theta_groups_window_from_hf():
+    from rpo.models.gpt import rope_settings, transformer_config_from_hf
+
+    llama, mistral = tiny_config("llama"), tiny_config("mistral")
+    tc = transformer_config_from_hf(llama, tp_size=1)
+    assert tc.layernorm_epsilon == 1e-5 and tc.num_query_groups == 2 and tc.kv_channels == 16
+    assert tc.normalization == "RMSNorm" and tc.gated_linear_unit and tc.window_size is None
+    assert rope_settings(llama)["rotary_base"] == 5000.0 and rope_settings(mistral)["rotary_base"] == 20000.0
+    assert transformer_config_from_hf(mistral, tp_size=1).layernorm_epsilon == 1e-6
+    # With TE the window goes in the config: HF's W counts the query itself, megatron's left size does not.
+    assert transformer_config_from_hf(mistral, tp_size=1, use_te=True).window_size == (SLIDING_WINDOW - 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention mask, batch validation, concatenation.
+
+def test_attention_mask_matches_explicit_rule():
+    from rpo.models.gpt import attention_mask_for, is_right_padded
+
+    batch = tiny_batch()
+    for window in (None, 3):
+        mask = attention_mask_for(batch["attention_mask"], window)
+        assert mask.shape == (ROWS, 1, LENGTH, LENGTH) and mask.dtype == torch.bool
+        for r in range(ROWS):
+            for q in range(LENGTH):
+                for k in range(LENGTH):
+                    allowed = k <= q and bool(batch["attention_mask"][r, k]) and (window is None or k > q - window)
+                    assert bool(mask[r, 0, q, k]) == (not allowed)
+    assert is_right_padded(batch["attention_mask"]).tolist() == [True, True, True, False, True, True]
+
+
+def test_validate_batch_errors_name_rows_and_fields():
+    from rpo.models.logprobs import validate_batch
+
+    good = tiny_batch()
+    ids, am, lm = validate_batch(good, VOCAB)
+    assert torch.equal(ids[am.bool()], good["input_ids"][good["attention_mask"].bool()]) and (ids[am == 0] == 0).all()
+    with pytest.raises(KeyError, match="loss_mask"):
+        validate_batch({k: v for k, v in good.items() if k != "loss_mask"}, VOCAB)
+    bad = dict(good, loss_mask=good["loss_mask"].long())
+    with pytest.raises(ValueError, match="loss_mask'] must be a bool"):
+        validate_batch(bad, VOCAB)
+    lm = good["loss_mask"].clone()
+    lm[4, 0] = True
+    with pytest.raises(ValueError, match=r"rows \[4\]: the first token"):
+        validate_batch(dict(good, loss_mask=lm), VOCAB)
+    lm = good["loss_mask"].clone()
+    lm[2, 12] = True  # row 2 has 9 real tokens
+    with pytest.raises(ValueError, match=r"padding .* rows \[2\]"):
+        validate_batch(dict(good, loss_mask=lm), VOCAB)
+    ids = good["input_ids"].clone()
+    ids[5, 1] = VOCAB
+    with pytest.raises(ValueError, match=r"outside \[0, 300\) .* rows \[5\]"):
+        validate_batch(dict(good, input_ids=ids), VOCAB)
+    with pytest.raises(ValueError, match="same shape"):
+        validate_batch(dict(good, attention_mask=good["attention_mask"][:, :-1]), VOCAB)
+
+
+def test_concat_batches_right_pads_and_stacks():
+    from rpo.models.logprobs import concat_batches
+
+    a = {k: v[:2, :10] for k, v in tiny_batch().items()}
+    b = {k: v[2:5] for k, v in tiny_batch().items()}
+    out = concat_batches(a, b, pad_token_id=1)
+    assert out["input_ids"].shape == (5, LENGTH) and out["loss_mask"].dtype == torch.bool
+    assert torch.equal(out["input_ids"][:2, :10], a["input_ids"]) and (out["input_ids"][:2, 10:] == 1).all()
+    assert not out["attention_mask"][:2, 10:].any() and not out["loss_mask"][:2, 10:].any()
+    assert torch.equal(out["loss_mask"][2:], b["loss_mask"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cpu_compat: each redirect, in this process (megatron-core imported here, CUDA absent).
+
+@pytest.fixture(scope="module")
+def compat():
+    from rpo.models import cpu_compat
+
+    if torch.cuda.is_available():
+        pytest.skip("cpu_compat only redirects when CUDA is absent")
+    assert cpu_compat.apply()
+    return cpu_compat
+
+
+def test_cpu_compat_is_idempotent_and_only_without_cuda(compat, monkeypatch):
+    from megatron.core.optimizer import distrib_optimizer
+
+    before = compat.patched_modules()
+    init = distrib_optimizer.DistributedOptimizer.__init__
+    assert compat.apply() and compat.patched_modules() == before
+    assert distrib_optimizer.DistributedOptimizer.__init__ is init
+    assert "megatron.core.tensor_parallel.random" in before and "megatron.core.utils" in before
+    monkeypatch.setattr(compat, "_applied", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compat.apply() is False
+
+
+def test_torch_stand_in_allocates_on_cpu(compat):
+    stand_in = compat.TORCH_ON_CPU
+    assert stand_in.zeros(3, device="cuda").device.type == "cpu"
+    assert stand_in.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    assert stand_in.empty(2, device=stand_in.cuda.current_device()).device.type == "cpu"
+    assert stand_in.cuda.current_device() == "cpu"
+    stream = stand_in.cuda.current_stream()
+    stream.wait_stream(stand_in.cuda.default_stream())
+    with stand_in.cuda.stream(stand_in.cuda.Stream()):
+        stand_in.cuda.synchronize()
+    assert stand_in.nn is torch.nn and stand_in.float32 is torch.float32
+
+
+def test_causal_masks_built_on_cpu(compat):
+    # transformer.utils.get_default_causal_mask / get_sliding_window_causal_mask use device="cuda".
+    from megatron.core.transformer.utils import get_default_causal_mask, get_sliding_window_causal_mask
+
+    causal = get_default_causal_mask(5)
+    assert causal.device.type == "cpu" and torch.equal(causal, torch.ones(5, 5).triu(1).bool())
+    window = get_sliding_window_causal_mask(5, 5, (1, 0))  # query sees itself and one token before
+    q, k = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    assert torch.equal(window, ~((k <= q) & (k >= q - 1)))
+
+
+def test_global_memory_buffer_and_l2_norm_on_cpu(compat):
+    # utils.GlobalMemoryBuffer.get_tensor (attention scores) and local_multi_tensor_l2_norm (grad norm).
+    from megatron.core.utils import GlobalMemoryBuffer, local_multi_tensor_l2_norm
+
+    buf = GlobalMemoryBuffer().get_tensor((2, 3, 4), torch.float32, "mpu")
+    assert buf.device.type == "cpu" and buf.shape == (2, 3, 4)
+    tensors = [torch.randn(5), torch.randn(2, 3)]
+    norm, _ = local_multi_tensor_l2_norm(0, None, [tensors], False)
+    expected = torch.cat([t.flatten() for t in tensors]).double().norm()
+    assert norm.device.type == "cpu" and abs(norm.item() - expected.item()) < 1e-5
+
+
+def test_rng_tracker_forks_the_cpu_generator(compat):
+    # tensor_parallel.random: CudaRNGStatesTracker.add/fork and model_parallel_cuda_manual_seed.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = mp_random.CudaRNGStatesTracker()
+    torch.manual_seed(7)
+    tracker.add("stream", 123)
+    outside_before = torch.rand(3)
+    with tracker.fork("stream"):
+        inside = torch.rand(4)
+    outside_after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), outside_before) and torch.equal(torch.rand(3), outside_after)
+    assert torch.equal(inside, torch.rand(4, generator=torch.Generator().manual_seed(123)))
+    with tracker.fork("stream"):  # the forked stream continues where it stopped
+        assert torch.equal(torch.rand(2), torch.rand(6, generator=torch.Generator().manual_seed(123))[4:])
+
+
+def test_model_parallel_seed_seeds_cpu_generator(compat):
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(11, tp_rank=0, ep_rank=0, etp_rank=0)
+    drawn = torch.rand(3)
+    torch.manual_seed(11)
+    assert torch.equal(drawn, torch.rand(3))
+    with tensor_parallel.get_cuda_rng_tracker().fork():  # "model-parallel-rng": seed + 2718 + tp_rank
+        mp = torch.rand(3)
+    assert torch.equal(mp, torch.rand(3, generator=torch.Generator().manual_seed(11 + 2718)))
+
+
+def test_cuda_type_names_and_clip_grads(compat):
+    # Float16Optimizer / DistributedOptimizer classify params by type(); clip_grad_by_total_norm_fp32 asserts it.
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    x = torch.zeros(2)
+    with compat.cuda_type_names():
+        assert x.type() == "torch.cuda.FloatTensor" and x.bfloat16().type() == "torch.cuda.BFloat16Tensor"
+        assert x.type(torch.float64).dtype == torch.float64
+    assert x.type() == "torch.FloatTensor"
+    assert optimizer.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    grads = [torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 0.0])]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=5.0)
+    assert torch.allclose(params[0].grad, grads[0] / (5.0 + 1e-6))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded default model (GGUF → safetensors once). Measured: ~60-90 s on 2 busy cores (dequantise + write +
+# reload + a megatron forward), hence slow.
+
+@pytest.mark.slow
+def test_default_model_converted_once_and_loadable(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rpo.models import default_model
+    from rpo.models import init_parallel, load_policy, sequence_logprobs, teardown
+
+    monkeypatch.setenv("RPO_CACHE_DIR", str(tmp_path))
+    start = time.time()
+    path = default_model.default_model_path()
+    print(f"GGUF conversion took {time.time() - start:.1f} s")
+    assert path == tmp_path / "models" / default_model.MODEL_NAME
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert default_model.default_model_path() == path  # cached: not converted again
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text + "4", return_tensors="pt")["input_ids"]
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(default_model.gguf_path().parent),
+                                                      gguf_file=default_model.GGUF_FILE, dtype=torch.float32)
+    for name, tensor in gguf_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    reference = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1).float()
+
+    # The same folder through megatron-core (TP=1): the last 3 tokens scored equal HF's.
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "loss_mask": torch.zeros_like(ids, dtype=torch.bool)}
+    batch["loss_mask"][0, -3:] = True
+    try:
+        init_parallel(1)
+        megatron_model, _, _ = load_policy(path, tp_size=1)
+        with torch.no_grad():
+            out = sequence_logprobs(megatron_model, batch)
+    finally:
+        teardown()
+    torch.testing.assert_close(out.token_logprobs[0, -3:], reference[-3:], atol=1e-4, rtol=0)

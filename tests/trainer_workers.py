@@ -26,7 +26,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 VOCAB = 400
 MAX_LENGTH, MAX_PROMPT_LENGTH = 48, 24
-EQUIVALENCE_ROWS, RUN_ROWS = 8, 12
+EQUIVALENCE_ROWS, RUN_ROWS, UNPAIRED_ROWS = 8, 12, 12
 SGD_LR = 1.0
 
 
@@ -43,8 +43,12 @@ def build_assets(workdir: Path) -> Dict[str, Path]:
              "run_data": workdir / f"paired{RUN_ROWS}.jsonl", "cache": workdir / "cache"}
     paths["equivalence_data"].write_text("".join(json.dumps(r) + "\n" for r in rows[:EQUIVALENCE_ROWS]))
     paths["run_data"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    unpaired = (SHARED_DATA / "unpaired.jsonl").read_text().splitlines()[:UNPAIRED_ROWS]
+    paths["unpaired_data"] = workdir / f"unpaired{UNPAIRED_ROWS}.jsonl"
+    paths["unpaired_data"].write_text("".join(line + "\n" for line in unpaired))
 
     texts = [m["content"] for r in rows for key in ("prompt", "chosen", "rejected") for m in r[key]]
+    texts += [m["content"] for line in unpaired for key in ("prompt", "completion") for m in json.loads(line)[key]]
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -100,7 +104,7 @@ def start(world_size: int, cases: Sequence[str], workdir: Path) -> List[subproce
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world_size)), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         log = open(log_dir / f"{'+'.join(cases)}-rank{rank}.log", "w")
@@ -140,8 +144,9 @@ def _record(workdir: Path, name: str, trainer, summary) -> None:
         out = workdir / "results"
         out.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"{name}.safetensors"))
-        (out / f"{name}.json").write_text(json.dumps({"history": trainer.history, "summary": summary},
-                                                     default=str))
+        (out / f"{name}.json").write_text(json.dumps(
+            {"history": trainer.history, "summary": summary, "reference_model_loaded": trainer.reference is not None,
+             "dtype": str(next(trainer.policy.parameters()).dtype)}, default=str))
 
 
 def _run(workdir: Path, name: str, **overrides):
@@ -154,19 +159,37 @@ def _run(workdir: Path, name: str, **overrides):
 
 
 RPO = dict(loss="rpo", global_contrast=True, beta=0.1, weighting="embedding", tau=0.5)
+# A batch-coupled global term plus a separable one: the trainer weights them differently under DP averaging.
+COMBO = dict(RPO, loss="rpo+0.5*dpo")
+LOSSES = {"dpo": dict(loss="dpo", beta=0.1), "rpo": RPO, "combo": COMBO, "kto": dict(loss="kto", beta=0.1)}
 
 
 def case_equivalence(workdir: Path, tp: int, dp: int) -> None:
-    """One SGD step of dpo and of rpo --global-contrast on the 8-pair batch at this topology, plus the
+    """One SGD step of dpo, rpo --global-contrast and rpo+0.5*dpo on the 8-pair batch at this topology, plus the
     micro-batched (gradient accumulation / two-pass) variants."""
     tag = f"tp{tp}dp{dp}"
     whole = EQUIVALENCE_ROWS // dp  # one micro-batch per rank
-    _run(workdir, f"dpo-{tag}", loss="dpo", beta=0.1, tensor_parallel=tp, micro_batch_size=whole)
-    _run(workdir, f"rpo-{tag}", tensor_parallel=tp, micro_batch_size=whole, **RPO)
-    micro = whole // 2  # two micro-batches per rank
-    if tp == 1:
-        _run(workdir, f"dpo-{tag}-accum", loss="dpo", beta=0.1, micro_batch_size=micro)
-        _run(workdir, f"rpo-{tag}-accum", micro_batch_size=micro, **RPO)
+    for name in ("dpo", "rpo", "combo"):
+        _run(workdir, f"{name}-{tag}", tensor_parallel=tp, micro_batch_size=whole, **LOSSES[name])
+        if tp == 1:  # two micro-batches per rank
+            _run(workdir, f"{name}-{tag}-accum", micro_batch_size=whole // 2, **LOSSES[name])
+
+
+def case_unpaired(workdir: Path, dp: int) -> None:
+    """kto and rpo --global-contrast on 12 unpaired examples: one micro-batch on one rank, or two per rank on two
+    ranks (each rank then holds its own numbers of desirable and undesirable examples)."""
+    micro, suffix = (UNPAIRED_ROWS, "tp1dp1") if dp == 1 else (UNPAIRED_ROWS // (2 * dp), f"tp1dp{dp}-accum")
+    for name in ("kto", "rpo"):
+        _run(workdir, f"{name}-unpaired-{suffix}", dataset=str(workdir / f"unpaired{UNPAIRED_ROWS}.jsonl"),
+             global_batch_size=UNPAIRED_ROWS, micro_batch_size=micro, **LOSSES[name])
+
+
+def case_variants(workdir: Path) -> None:
+    """Two dpo steps with the live reference model, with --precompute-reference, and in bfloat16."""
+    common = dict(loss="dpo", beta=0.1, max_steps=2, lr=0.5)
+    _run(workdir, "dpo-live-reference", **common)
+    _run(workdir, "dpo-precomputed-reference", precompute_reference=True, **common)
+    _run(workdir, "dpo-bf16", dtype="bfloat16", **common)
 
 
 RESUME = dict(RPO, dataset=None, optimizer="rmsprop", lr=3e-3, max_steps=6, global_batch_size=4,
@@ -223,6 +246,26 @@ def case_run3(workdir: Path) -> None:
     _record(workdir, "run3", trainer, summary)
 
 
+def case_smollm2(workdir: Path) -> None:
+    """A few rpo steps of the real SmolLM2-135M-Instruct (the embedded default) on 8 pairs of the shared data,
+    the same 8 pairs every step, so the logged metrics show what the updates did to that batch."""
+    from rpo.train import Trainer, TrainConfig
+
+    rows = (SHARED_DATA / "paired.jsonl").read_text().splitlines()[:8]
+    (workdir / "paired-smollm2.jsonl").write_text("".join(line + "\n" for line in rows))
+    config = TrainConfig(dataset=str(workdir / "paired-smollm2.jsonl"), cache_dir=str(workdir / "cache"),
+                         output_dir=str(workdir / "runs" / "smollm2"), loss="rpo", global_contrast=True,
+                         global_batch_size=8, micro_batch_size=8, max_length=128, max_prompt_length=64,
+                         optimizer="rmsprop", lr=1e-5, max_steps=4, eval_split_fraction=0.0, save_every=0,
+                         save_final=False, progress_bar=False, seed=0)
+    trainer = Trainer(config)
+    _record(workdir, "smollm2", trainer, trainer.fit())
+
+
+# Cases that run once per topology the launch's world size allows: (tp, dp) or (dp,).
+TOPOLOGIES = {"equivalence": {1: [(1, 1)], 2: [(2, 1), (1, 2)]}, "unpaired": {1: [(1,)], 2: [(2,)]}}
+
+
 def main(cases: str, workdir: str) -> None:
     import logging
 
@@ -232,14 +275,8 @@ def main(cases: str, workdir: str) -> None:
     workdir = Path(workdir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for case in cases.split(","):
-        if case == "equivalence":
-            if world == 1:
-                case_equivalence(workdir, 1, 1)
-            else:
-                case_equivalence(workdir, 2, 1)
-                case_equivalence(workdir, 1, 2)
-        else:
-            globals()[f"case_{case}"](workdir)
+        for arguments in TOPOLOGIES.get(case, {}).get(world, [()]):
+            globals()[f"case_{case}"](workdir, *arguments)
     teardown()
 
 

@@ -1,12 +1,12 @@
 // CPU kernel of rpo::contrast_loss_terms.
 //
-// For the "embedding" weighting rows are walked in blocks: one (multi-threaded) BLAS call gives the block's
-// cosines (block rows x N, about kBlockElements values), then the block's rows are split into one contiguous
-// chunk per thread (at::parallel_for) and each row gets its softmax statistics and a single vectorised pass
-// that produces the loss and both gradient contributions. The constant weightings skip the GEMM and split all
-// rows at once. Column-gradient partials are per chunk and reduced in chunk order, so results are
-// deterministic for a given thread count. Extra memory: (block rows + threads) * N + O(M + N) values; the
-// M x N matrix never exists.
+// Rows are cut into a fixed number of contiguous slots (depending on M and N only); the threads of one
+// at::parallel_for region pull slots from an atomic counter. A slot walks its rows in blocks: for the
+// "embedding" weighting one single-threaded BLAS call gives the block's cosines (block rows x N, ~1 MiB, L2
+// resident), then each row gets its softmax statistics and a single vectorised pass that produces the loss
+// and both gradient contributions. Each slot accumulates column gradients into its own partial row; partials
+// are reduced in slot order, so results are bitwise identical for any thread count and schedule.
+// Extra memory: (threads * block rows + slots) * N + O(M + N) values; the M x N matrix never exists.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,11 +26,13 @@ namespace {
 
 using kernels::WeightParams;
 
-// 4 MiB of float32 cosines per block: large enough for an efficient multi-threaded GEMM (256 rows at N = 4096),
-// small next to the 1 GiB a float32 16384 x 16384 matrix would take.
-constexpr int64_t kBlockElements = int64_t(1) << 20;
-// Below this many pairs per chunk the threading overhead dominates.
-constexpr int64_t kMinChunkElements = int64_t(1) << 15;
+// Cosines per thread-local block: 1 MiB of float32 (64 rows at N = 4096), resident in L2 between the GEMM
+// that writes it and the passes that read it.
+constexpr int64_t kBlockElements = int64_t(1) << 18;
+// Work slots: at most kMaxSlots (so the column partials stay small: kMaxSlots * N values) and at least
+// kMinSlotElements pairs each (below that the scheduling overhead dominates).
+constexpr int64_t kMaxSlots = 32;
+constexpr int64_t kMinSlotElements = int64_t(1) << 16;
 
 std::atomic<int64_t> g_threads_used_last_call{0};
 
@@ -142,17 +144,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cpu(const PreparedInputs& in,
   const bool diagonal = options.weighting == kernels::kDiagonal;
   const auto params =
       kernels::make_weight_params<acc_t>(options.weighting, options.normalization, num_cols, options.alpha);
-  // "embedding" walks row blocks (one multi-threaded GEMM each); the constant weightings need no block.
-  const int64_t block_rows = embedding ? rows_per_block(num_rows, num_cols, kBlockElements) : num_rows;
-  const int64_t num_chunks = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), block_rows,
-                            (block_rows * num_cols + kMinChunkElements - 1) / kMinChunkElements}));
+  // The slot count depends on the problem size only, never on the thread count or on scheduling: every slot
+  // sums its own rows into its own column partial, so results are bitwise reproducible with any number of
+  // threads. Threads pull slots from a shared counter, so a thread that the OS descheduled (a shared machine)
+  // does fewer slots instead of holding everyone up at a barrier.
+  const int64_t num_slots = std::max<int64_t>(
+      1, std::min<int64_t>({kMaxSlots, num_rows, (num_rows * num_cols + kMinSlotElements - 1) / kMinSlotElements}));
+  const int64_t block_rows = rows_per_block(num_rows, num_cols, kBlockElements);
 
   auto acc_options = in.chosen.options();
   auto row_sums = at::empty({num_rows}, acc_options);
-  auto col_partials = at::zeros({num_chunks, num_cols}, acc_options);
-  std::vector<double> chunk_loss(num_chunks, 0.0);
-  std::vector<size_t> thread_ids;  // one entry per (block, chunk), for the threading evidence
+  auto col_partials = at::zeros({num_slots, num_cols}, acc_options);
+  std::vector<double> slot_loss(num_slots, 0.0);
+  std::vector<size_t> slot_thread(num_slots, 0);  // which OS thread ran each slot (threading evidence)
 
   const acc_t* chosen = in.chosen.data_ptr<acc_t>();
   acc_t* row_sums_ptr = row_sums.data_ptr<acc_t>();
@@ -160,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cpu(const PreparedInputs& in,
   const acc_t inv_tau = static_cast<acc_t>(1.0 / options.tau);
   const acc_t* chosen_inv_norm = embedding ? in.chosen_inv_norm.data_ptr<acc_t>() : nullptr;
   const acc_t* rejected_inv_norm = embedding ? in.rejected_inv_norm.data_ptr<acc_t>() : nullptr;
+  const at::Tensor rejected_emb_t = embedding ? in.rejected_emb.t() : at::Tensor();
 
   RowPass<acc_t> base{};
   base.rejected = in.rejected.data_ptr<acc_t>();
@@ -169,56 +174,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_cpu(const PreparedInputs& in,
   base.margin = static_cast<acc_t>(options.margin);
   base.num_cols = num_cols;
 
-  at::Tensor block;  // cosines of the current row block, [block_rows, N]; reused
-  at::Tensor rejected_emb_t;
-  if (embedding) {
-    block = at::empty({block_rows, num_cols}, acc_options);
-    rejected_emb_t = in.rejected_emb.t();
-  }
-  for (int64_t block_begin = 0; block_begin < num_rows; block_begin += block_rows) {
-    const int64_t rows = std::min(block_rows, num_rows - block_begin);
-    acc_t* dots = nullptr;
-    if (embedding) {
-      auto out = block.narrow(0, 0, rows);
-      at::mm_out(out, in.chosen_emb.narrow(0, block_begin, rows), rejected_emb_t);
-      dots = out.data_ptr<acc_t>();
-    }
-    const int64_t chunks = std::min(num_chunks, rows);
-    std::vector<size_t> block_thread_ids(chunks, 0);
-    // Chunk c of every block accumulates into column partial c: the reduction order is fixed.
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        block_thread_ids[chunk] = std::hash<std::thread::id>{}(std::this_thread::get_id());
+  std::atomic<int64_t> next_slot{0};
+  const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_slots);
+  at::parallel_for(0, num_workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
+    // This thread's cosine block, reused across its slots. Inside the parallel region BLAS runs
+    // single-threaded: one GEMM per thread on its own rows.
+    at::Tensor block;
+    if (embedding) block = at::empty({block_rows, num_cols}, acc_options);
+    for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
+      for (int64_t slot = next_slot.fetch_add(1); slot < num_slots; slot = next_slot.fetch_add(1)) {
+        slot_thread[slot] = std::hash<std::thread::id>{}(std::this_thread::get_id());
         RowPass<acc_t> pass = base;
-        pass.col_sums = col_partials_ptr + chunk * num_cols;
+        pass.col_sums = col_partials_ptr + slot * num_cols;
         double loss = 0.0;
-        for (int64_t r = chunk * rows / chunks; r < (chunk + 1) * rows / chunks; ++r) {
-          const int64_t row = block_begin + r;
-          pass.chosen = chosen[row];
+        const int64_t slot_end = (slot + 1) * num_rows / num_slots;
+        for (int64_t block_begin = slot * num_rows / num_slots; block_begin < slot_end; block_begin += block_rows) {
+          const int64_t rows = std::min(block_rows, slot_end - block_begin);
+          acc_t* dots = nullptr;
           if (embedding) {
-            acc_t* row_dots = dots + r * num_cols;
-            const acc_t sum =
-                softmax_numerators(row_dots, rejected_inv_norm, chosen_inv_norm[row], inv_tau, num_cols);
-            pass.weights = row_dots;
-            pass.weight_scale = params.scale / sum;
-            loss += row_pass_embedding(pass, row_sums_ptr + row);
-          } else {
-            pass.diag_col = diagonal ? options.diag_offset + row : -1;
-            loss += row_pass_constant(pass, row_sums_ptr + row);
+            auto out = block.narrow(0, 0, rows);
+            at::mm_out(out, in.chosen_emb.narrow(0, block_begin, rows), rejected_emb_t);
+            dots = out.data_ptr<acc_t>();
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row = block_begin + r;
+            pass.chosen = chosen[row];
+            if (embedding) {
+              acc_t* row_dots = dots + r * num_cols;
+              const acc_t sum =
+                  softmax_numerators(row_dots, rejected_inv_norm, chosen_inv_norm[row], inv_tau, num_cols);
+              pass.weights = row_dots;
+              pass.weight_scale = params.scale / sum;
+              loss += row_pass_embedding(pass, row_sums_ptr + row);
+            } else {
+              pass.diag_col = diagonal ? options.diag_offset + row : -1;
+              loss += row_pass_constant(pass, row_sums_ptr + row);
+            }
           }
         }
-        chunk_loss[chunk] += loss;
+        slot_loss[slot] = loss;
       }
-    });
-    thread_ids.insert(thread_ids.end(), block_thread_ids.begin(), block_thread_ids.end());
-  }
+    }
+  });
 
-  std::sort(thread_ids.begin(), thread_ids.end());
-  g_threads_used_last_call.store(std::unique(thread_ids.begin(), thread_ids.end()) - thread_ids.begin());
+  std::vector<size_t> distinct(slot_thread);
+  std::sort(distinct.begin(), distinct.end());
+  g_threads_used_last_call.store(std::unique(distinct.begin(), distinct.end()) - distinct.begin());
 
   double loss_sum = 0.0;
-  for (double v : chunk_loss) loss_sum += v;  // fixed order: deterministic
-  auto col_sums = num_chunks == 1 ? col_partials[0] : col_partials.sum(0);
+  for (double v : slot_loss) loss_sum += v;  // slot order: deterministic
+  // Column partials reduced over the fixed slot dimension (at::sum's order is fixed for a given shape).
+  auto col_sums = num_slots == 1 ? col_partials[0] : col_partials.sum(0);
   auto loss_tensor = at::scalar_tensor(loss_sum, acc_options.dtype(at::kDouble));
   return assemble_outputs(loss_tensor, row_sums, col_sums, score_type, options);
 }

@@ -80,28 +80,28 @@ def _exchange_headers(chosen_scores, rejected_scores, rejected_embeddings, needs
     world_size = dist.get_world_size(group)
     table = torch.empty(world_size * header.numel(), dtype=torch.int64, device=header.device)
     _all_gather_single(table, header, group=group)
-    rows = [dict(zip(_HEADER_FIELDS, row)) for row in table.view(world_size, -1).tolist()]
+    shards = [dict(zip(_HEADER_FIELDS, values)) for values in table.view(world_size, -1).tolist()]
 
-    failed = [rank for rank, row in enumerate(rows) if row["input error"]]
+    failed = [rank for rank, shard in enumerate(shards) if shard["input error"]]
     if local_error is not None:
         raise local_error
     if failed:
         raise ValueError(f"global contrast: rank(s) {failed} of the process group rejected their inputs (their "
                          f"error says why); no rank computes the loss")
     for field in ("score dtype", "embedding dtype", "embedding dim"):
-        values = [row[field] for row in rows]
+        values = [shard[field] for shard in shards]
         if len(set(values)) > 1:
             shown = [_HEADER_DTYPES[v] if "dtype" in field and 0 <= v < len(_HEADER_DTYPES) else v for v in values]
             raise ValueError(f"global contrast: {field} differs across the ranks of the process group "
                              f"(per rank: {shown}); every rank must pass the same dtypes and embedding width")
-    return rows
+    return shards
 
 
-def _gather_columns(rejected_scores, rejected_embeddings, rows, group):
+def _gather_columns(rejected_scores, rejected_embeddings, shards, group):
     """All-gather the columns (score and embedding per rejected answer), padded to the largest shard."""
-    column_counts = [row["rejected columns"] for row in rows]
+    column_counts = [shard["rejected columns"] for shard in shards]
     max_columns = max(column_counts)
-    embedding_dim = rows[0]["embedding dim"]
+    embedding_dim = shards[0]["embedding dim"]
     payload_dtype = rejected_scores.dtype
     if rejected_embeddings is not None:
         payload_dtype = torch.promote_types(payload_dtype, rejected_embeddings.dtype)
@@ -110,7 +110,7 @@ def _gather_columns(rejected_scores, rejected_embeddings, rows, group):
     payload[:local_columns, 0] = rejected_scores.detach()
     if rejected_embeddings is not None:
         payload[:local_columns, 1:] = rejected_embeddings.detach()
-    gathered = torch.empty(len(rows) * max_columns, 1 + embedding_dim, dtype=payload_dtype, device=payload.device)
+    gathered = torch.empty(len(shards) * max_columns, 1 + embedding_dim, dtype=payload_dtype, device=payload.device)
     _all_gather_single(gathered, payload, group=group)
     columns = torch.cat([gathered[r * max_columns: r * max_columns + count] for r, count in enumerate(column_counts)])
     global_scores = columns[:, 0].to(rejected_scores.dtype)
@@ -118,32 +118,31 @@ def _gather_columns(rejected_scores, rejected_embeddings, rows, group):
     return global_scores, global_embeddings
 
 
-def _check_global_shape(rows, weighting):
-    global_rows = sum(row["chosen rows"] for row in rows)
-    global_columns = sum(row["rejected columns"] for row in rows)
+def _check_global_batch(shards, weighting):
+    global_rows = sum(shard["chosen rows"] for shard in shards)
+    global_columns = sum(shard["rejected columns"] for shard in shards)
     if global_rows == 0 or global_columns == 0:
         raise ValueError(f"global contrast: the global batch has {global_rows} chosen and {global_columns} "
-                         f"rejected answers over {len(rows)} ranks; it needs at least one of each")
+                         f"rejected answers over {len(shards)} ranks; it needs at least one of each")
     if weighting == "diagonal" and (global_rows != global_columns or global_columns < 2):
         raise ValueError(f"global contrast: weighting='diagonal' needs a square global matrix with at least 2 "
                          f"pairs, got {global_rows} chosen × {global_columns} rejected "
-                         f"(per-rank chosen {[r['chosen rows'] for r in rows]}, "
-                         f"rejected {[r['rejected columns'] for r in rows]})")
-    return global_rows, global_columns
+                         f"(per-rank chosen {[shard['chosen rows'] for shard in shards]}, "
+                         f"rejected {[shard['rejected columns'] for shard in shards]})")
 
 
 def _global_loss_and_local_grads(chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options,
-                                 rows, group):
+                                 shards, group):
     from rpo.ops import contrast_loss_terms  # rpo.ops imports this module lazily; keep the cycle one-way
 
     rank = dist.get_rank(group)
-    global_rows = sum(row["chosen rows"] for row in rows)
-    global_columns = sum(row["rejected columns"] for row in rows)
-    any_needs_grad = any(row["needs grad"] for row in rows)
-    row_offset = sum(row["chosen rows"] for row in rows[:rank])
-    column_offset = sum(row["rejected columns"] for row in rows[:rank])
+    global_rows = sum(shard["chosen rows"] for shard in shards)
+    global_columns = sum(shard["rejected columns"] for shard in shards)
+    any_needs_grad = any(shard["needs grad"] for shard in shards)
+    row_offset = sum(shard["chosen rows"] for shard in shards[:rank])
+    column_offset = sum(shard["rejected columns"] for shard in shards[:rank])
 
-    global_rejected, global_rejected_embeddings = _gather_columns(rejected_scores, rejected_embeddings, rows, group)
+    global_rejected, global_rejected_embeddings = _gather_columns(rejected_scores, rejected_embeddings, shards, group)
     loss, grad_chosen, grad_global_rejected = contrast_loss_terms(
         chosen_scores.detach(), global_rejected,
         chosen_embeddings.detach() if chosen_embeddings is not None else None, global_rejected_embeddings,
@@ -168,9 +167,9 @@ def _global_loss_and_local_grads(chosen_scores, rejected_scores, chosen_embeddin
 
 class _GlobalContrastLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options, rows, group):
+    def forward(ctx, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options, shards, group):
         loss, grad_chosen, grad_rejected = _global_loss_and_local_grads(
-            chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options, rows, group)
+            chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, options, shards, group)
         if grad_chosen is not None:
             ctx.save_for_backward(grad_chosen, grad_rejected)
         return loss
@@ -205,21 +204,20 @@ def global_contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
         raise ValueError("global_contrast_loss: process_group is None; use rpo.ops.contrast_loss for one process")
     local_error = None
     try:
-        # The diagonal's shape can only be checked on the global sizes (below); locally it is any M_r × N_r.
+        # "global": the diagonal's shape is checked on the global sizes (below); locally it is any M_r × N_r.
         _validate("rpo.distributed.global_contrast_loss", chosen_scores, rejected_scores, chosen_embeddings,
-                  rejected_embeddings, beta=beta, margin=margin, tau=tau, alpha=alpha,
-                  weighting="uniform" if weighting == "diagonal" else weighting,
-                  weight_normalization=weight_normalization, allow_empty=True, square_diagonal=False)
+                  rejected_embeddings, beta=beta, margin=margin, tau=tau, alpha=alpha, weighting=weighting,
+                  weight_normalization=weight_normalization, allow_empty=True, diagonal_layout="global")
     except (TypeError, ValueError) as error:
         local_error = error
     if weighting != "embedding":
         chosen_embeddings = rejected_embeddings = None
     needs_grad = local_error is None and torch.is_grad_enabled() and (
         chosen_scores.requires_grad or rejected_scores.requires_grad)
-    rows = _exchange_headers(chosen_scores, rejected_scores, rejected_embeddings, needs_grad, local_error,
-                             process_group)
-    _check_global_shape(rows, weighting)
+    shards = _exchange_headers(chosen_scores, rejected_scores, rejected_embeddings, needs_grad, local_error,
+                               process_group)
+    _check_global_batch(shards, weighting)
     options = dict(beta=beta, margin=margin, tau=tau, alpha=alpha, weighting=weighting,
                    weight_normalization=weight_normalization)
     return _GlobalContrastLoss.apply(chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings,
-                                     options, rows, process_group)
+                                     options, shards, process_group)

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("implicit-reward evaluation")
     data.add_argument("--dataset", metavar="FILE", default=None,
                       help="Held-out preference data (paired or unpaired; any layout rpo.data reads).")
+    data.add_argument("--run-held-out", action="store_true",
+                      help="Evaluate on the run's own held-out rows: its --eval-dataset, or the rows of its --dataset "
+                      "that training held out (--eval-split-fraction, --seed), read from config.yaml. --dataset "
+                      "defaults to the run's data then.")
     data.add_argument("--dataset-split", default="train", help="Split of --dataset (a single file is that split).")
     data.add_argument("--columns", default=None, help="Column mapping for other layouts, e.g. 'prompt=info.post,...'.")
     data.add_argument("--skip-bad-rows", action="store_true", help="Skip (and count) malformed rows.")
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompts", metavar="FILE", default=None,
                      help="Prompt file (.jsonl/.json with a 'prompt' field, or .txt one per line) to answer. "
-                     "Default with --judge: the prompts of --dataset, its chosen answers as the baseline.")
+                     "Default with --judge: the prompts of the evaluation data, its chosen answers as the baseline.")
     gen.add_argument("--baseline-field", default="chosen",
                      help="Field of the prompt file holding the baseline answer the judge compares against.")
     gen.add_argument("--max-prompts", type=int, default=None, metavar="N", help="Answer the first N prompts only.")
@@ -158,10 +162,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--reward-fn is used only with --judge local-reward")
     if args.judge_url and args.judge != "openai":
         parser.error(f"--judge-url is used only with --judge openai (got --judge {args.judge})")
-    if args.dataset is None and args.prompts is None:
+    if args.dataset is not None and args.run_held_out:
+        parser.error("--run-held-out takes the data from the run's config.yaml; do not also give --dataset")
+    if args.dataset is None and args.prompts is None and not args.run_held_out:
         parser.error("nothing to evaluate: give --dataset (implicit-reward metrics) and/or --prompts (generation)")
-    if args.judge != "none" and args.prompts is None and args.dataset is None:
-        parser.error("--judge needs --prompts or --dataset to take prompts from")
 
 
 # --- the run's config.yaml ---------------------------------------------------------------------------------------
@@ -206,13 +210,34 @@ def default_model_path() -> str:
     return str(embedded())
 
 
+def default_dataset_path() -> str:
+    from rpo.train.trainer import default_dataset_path as embedded
+
+    return str(embedded())
+
+
+def run_held_out_rows(config, tokenized, source: str):
+    """The rows of ``tokenized`` (the run's whole --dataset) that the run held out for evaluation."""
+    from rpo.train.trainer import Trainer
+
+    # The trainer's own seeded split (it needs only the config), so the rows are exactly the run's.
+    _, (held_out, _, _) = Trainer(config)._split((tokenized, None, source), config.eval_split_fraction)
+    return held_out
+
+
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Fill the unset options from the run's config.yaml; returns the settings actually used."""
     config_path = find_run_config(args.model)
     config = load_run_config(config_path) if config_path else None
     if config_path:
         logger.info("run config: %s", config_path)
-    settings: dict[str, Any] = {"run_config": str(config_path) if config_path else None}
+    settings: dict[str, Any] = {"run_config": str(config_path) if config_path else None, "config": config}
+    if args.run_held_out:
+        if config is None:
+            raise EvaluationError(f"--run-held-out: no config.yaml in {args.model} or the two folders above it")
+        if not config.eval_dataset and not config.eval_split_fraction > 0:
+            raise EvaluationError(f"--run-held-out: the run ({config_path}) held out no data (no --eval-dataset, "
+                                  f"--eval-split-fraction 0)")
 
     reward_type, beta = args.reward_type, args.beta
     if config is not None and (reward_type is None or beta is None):
@@ -231,7 +256,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         if reference is None:
             reference = default_model_path()
             logger.info("reference: the run trained the embedded default model (%s)", reference)
-    needs_reference = (args.dataset is not None and settings["reward_type"] == "dpo") or (
+    needs_reference = ((args.dataset is not None or args.run_held_out) and settings["reward_type"] == "dpo") or (
         args.baseline == "reference" and args.judge != "none")
     if reference is None and needs_reference:
         raise EvaluationError(
@@ -350,25 +375,34 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"model": str(args.model), "reference": settings["reference"],
                               "run_config": settings["run_config"]}
-    dataset = None
-    if args.dataset is not None:
+    tokenized = None
+    dataset_name, split, columns, skip_bad_rows = args.dataset, args.dataset_split, args.columns, args.skip_bad_rows
+    if args.run_held_out:
+        config = settings["config"]
+        held_out_file = bool(config.eval_dataset)
+        dataset_name = config.eval_dataset or config.dataset or str(default_dataset_path())
+        split = config.eval_dataset_split if held_out_file else config.dataset_split
+        columns, skip_bad_rows = config.columns, config.skip_bad_rows
+    if dataset_name is not None:
         try:
-            dataset = load_preference_dataset(args.dataset, args.dataset_split, columns=args.columns,
-                                              skip_bad_rows=args.skip_bad_rows)
+            dataset = load_preference_dataset(dataset_name, split, columns=columns, skip_bad_rows=skip_bad_rows)
         except (ValueError, FileNotFoundError) as err:
-            raise EvaluationError(f"--dataset {args.dataset}: {err}") from err
-        if args.max_examples is not None and args.max_examples < len(dataset):
-            logger.info("--max-examples %d: evaluating %d of %d rows (%d left out)", args.max_examples,
-                        args.max_examples, len(dataset), len(dataset) - args.max_examples)
-            dataset.rows = dataset.rows.select(range(args.max_examples))
+            raise EvaluationError(f"dataset {dataset_name}: {err}") from err
         tokenized = tokenize_preference_dataset(dataset, tokenizer, max_prompt_length=settings["max_prompt_length"],
                                                 max_length=settings["max_length"])
+        if args.run_held_out and not held_out_file:
+            tokenized = run_held_out_rows(settings["config"], tokenized, str(dataset_name))
+            logger.info("--run-held-out: %d rows of %s held out by the run", len(tokenized), dataset_name)
+        if args.max_examples is not None and args.max_examples < len(tokenized):
+            logger.info("--max-examples %d: evaluating %d of %d rows (%d left out)", args.max_examples,
+                        args.max_examples, len(tokenized), len(tokenized) - args.max_examples)
+            tokenized.rows = tokenized.rows.select(range(args.max_examples))
         summary, records = evaluate_implicit_reward(
             policy, get_reference() if settings["reward_type"] == "dpo" else None, tokenized,
             beta=settings["beta"], reward_type=settings["reward_type"], batch_size=args.batch_size,
             progress=progress)
         summary["truncated_rows"] = tokenized.report.rows_truncated
-        result.update({"dataset": str(args.dataset)}, **summary)
+        result.update({"dataset": str(dataset_name), "held_out_of_run": bool(args.run_held_out)}, **summary)
         if args.per_example_output:
             _write_jsonl(args.per_example_output, records)
 
@@ -380,12 +414,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise EvaluationError(f"--prompts: {err}") from err
     elif args.judge != "none":
         # The data set's prompts, its chosen (unpaired: desirable) answers as the baseline.
-        if dataset.paired:
+        if tokenized.paired:
             prompt_rows = [PromptRow(r["prompt"], "\n\n".join(m["content"] for m in r["chosen"]), r["source_row"])
-                           for r in dataset.rows]
+                           for r in tokenized.rows]
         else:
             prompt_rows = [PromptRow(r["prompt"], "\n\n".join(m["content"] for m in r["completion"]),
-                                     r["source_row"]) for r in dataset.rows if r["label"]]
+                                     r["source_row"]) for r in tokenized.rows if r["label"]]
     if prompt_rows is not None:
         if args.max_prompts is not None and args.max_prompts < len(prompt_rows):
             logger.info("--max-prompts %d: answering %d of %d prompts", args.max_prompts, args.max_prompts,
@@ -399,7 +433,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         baselines: list[str | None] = [row.baseline for row in prompt_rows]
         if args.judge != "none" and args.baseline == "reference":
             baselines = generate_responses(get_reference(), tokenizer, prompts, **generation_options)
-        result["generation"] = {"prompts": str(args.prompts or args.dataset), "n": len(prompts),
+        result["generation"] = {"prompts": str(args.prompts or dataset_name), "n": len(prompts),
                                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                 "top_p": args.top_p if args.temperature > 0 else None,
                                 "output": args.generations_output}

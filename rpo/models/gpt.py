@@ -190,7 +190,10 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         use_te = te_available()
     elif use_te and not te_available():
         raise ValueError("use_te=True but Transformer Engine is not importable")
-    config = transformer_config_from_hf(hf_config, tp_size, dtype, use_te=use_te, initialize=initialize)
+    # Transformer Engine layers are always initialised: skipping init is only verified for the local layers
+    # (see _mark_tensor_parallel).
+    config = transformer_config_from_hf(hf_config, tp_size, dtype, use_te=use_te,
+                                        initialize=initialize or use_te)
     if use_te:
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
@@ -210,6 +213,7 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         rotary_percent=1.0,
         **rope_settings(hf_config),
     )
+    _mark_tensor_parallel(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.rpo_info = GPTModelInfo(
@@ -217,6 +221,28 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         uses_te=use_te, tp_size=tp_size, dtype=dtype, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by,
     )
     return model
+
+
+def _mark_tensor_parallel(model) -> None:
+    """Tag TP-sharded weights with megatron's tensor_model_parallel attributes where init did not.
+
+    megatron-core sets these attributes inside its weight initialisers, so with perform_initialization=False
+    (weights about to be loaded) they are missing; the grad-norm (clipping) then counts a TP-sharded weight
+    on TP rank 0 only, as if it were replicated. Measured with 0.16.1: TP=2 grad norm 7.0 instead of 9.15.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            # The attributes megatron's set_tensor_model_parallel_attributes writes (it asserts they are unset).
+            weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, dim, 1
 
 
 def unwrap(model):

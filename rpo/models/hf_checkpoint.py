@@ -241,7 +241,7 @@ class HFWeights(Mapping):
 
 
 def _model_layout(model) -> Layout:
-    from rpo.models.gpt import model_info, unwrap
+    from rpo.models.gpt import model_info
 
     info = model_info(model)
     return Layout.from_hf(info.hf_config, info.padded_vocab_size, te_norms=info.uses_te)
@@ -415,17 +415,21 @@ def save_hf(model, hf_config, out_dir: str | os.PathLike, tokenizer_src=None,
     """Gather the TP shards of `model` and write an HF folder that transformers.AutoModelForCausalLM loads.
 
     Collective: every rank calls it. The first data-parallel replica gathers; global rank 0 writes (other ranks
-    return None after a barrier). Weights keep the model's dtype.
+    return None after a barrier). Weights are written in the model's dtype (model_info(model).dtype).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from rpo.models.gpt import model_info
 
     writer = (not dist.is_initialized()) or dist.get_rank() == 0
     out = None
     if parallel_state.get_data_parallel_rank() == 0:
         tensors = iter_hf_tensors(model)
         if writer:
-            out = write_hf_folder(tensors, hf_config, out_dir, tokenizer_src, max_shard_bytes)
+            # One dtype for the whole folder: megatron's local-spec norms keep fp32 weights in a bf16 model.
+            out = write_hf_folder(tensors, hf_config, out_dir, tokenizer_src, max_shard_bytes,
+                                  dtype=model_info(model).dtype)
         else:
             for _ in tensors:  # take part in the TP gathers without keeping anything
                 pass

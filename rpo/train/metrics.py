@@ -16,6 +16,13 @@ import torch.distributed as dist
 Number = Union[float, int, torch.Tensor]
 
 
+def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a tensor must live to be reduced over `group`: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _as_float(value: Number) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().mean()) if value.numel() else float("nan")
@@ -46,7 +53,7 @@ class WeightedMean:
             dist.all_gather_object(gathered, keys, group=group)
             keys = sorted(set().union(*map(set, gathered)))
             packed = torch.tensor([[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys],
-                                  dtype=torch.float64).reshape(-1, 2)
+                                  dtype=torch.float64, device=collective_device(group)).reshape(-1, 2)
             dist.all_reduce(packed, group=group)
             sums, weights = packed[:, 0].tolist(), packed[:, 1].tolist()
         else:
@@ -57,7 +64,7 @@ class WeightedMean:
 
 def all_reduce_sum(values: Iterable[float], group: Optional[dist.ProcessGroup] = None) -> List[float]:
     """Sum a few scalars over `group` (no-op on one process)."""
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=collective_device(group))
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor.tolist()

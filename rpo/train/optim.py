@@ -32,7 +32,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str,
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.dim() <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The extra keys identify the groups when megatron-core's optimiser wrapper reloads a state dict.
+    megatron_keys = dict(lr_mult=1.0, is_expert_parallel=False, is_decoupled_lr=False)
+    groups = [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, **megatron_keys},
+              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, **megatron_keys}]
     return [group for group in groups if group["params"]]
 
 

@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from rpo.train import checkpoint as ckpt
 from rpo.train.config import ConfigError, TrainConfig
-from rpo.train.metrics import MetricsLog, WeightedMean, all_reduce_sum, plot_curves
+from rpo.train.metrics import MetricsLog, WeightedMean, all_reduce_sum, collective_device, plot_curves
 
 logger = logging.getLogger("rpo.train")
 
@@ -112,8 +112,10 @@ class Trainer:
             ckpt.remove_partial_checkpoints(self.checkpoint_dir)
         self._barrier()
 
-        self.model_path = cfg.model or _default_model_path()
-        self.reference_path = cfg.reference_model or self.model_path
+        with self._main_first():  # rank 0 converts / downloads, the others then find the folder
+            self.model_path = resolve_model_path(cfg.model, "--model") if cfg.model else _default_model_path()
+            self.reference_path = (resolve_model_path(cfg.reference_model, "--reference-model")
+                                   if cfg.reference_model else self.model_path)
         self.dataset_path = cfg.dataset or str(default_dataset_path())
         self.loss = self._build_loss()
         self.needs_embeddings = bool({"chosen_embeddings", "rejected_embeddings"} & self.loss.requires)
@@ -157,6 +159,9 @@ class Trainer:
             loss = build_loss(self.config.loss, **options)
         except LossConfigError as error:
             raise ConfigError(f"--loss {self.config.loss}: {error}") from None
+        if {"kl_policy_logps", "kl_reference_logps"} & loss.optional and getattr(self, "is_main", True):
+            logger.warning("loss %s: the trainer passes no KL (mismatched-pair) log-probs, so KTO's reference "
+                           "point z is 0", loss.name)
         if self.config.global_contrast and not ({"process_group"} & (loss.requires | loss.optional)):
             raise ConfigError(f"--global-contrast: loss {loss.name!r} has no global contrast (it does not take a "
                               f"process group); use a contrast loss such as rpo")
@@ -187,6 +192,9 @@ class Trainer:
                 train_set = train_all
         self.train_data, self.eval_data = train_set, eval_set
         tokenized, embeddings, _ = train_set
+        if len(tokenized) < cfg.global_batch_size:
+            raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is larger than the {len(tokenized)} "
+                              f"training rows of {self.dataset_path}")
         self.batcher = PreferenceBatcher(tokenized, embeddings, self.rank_batch_size, self.dp_rank, self.dp_size,
                                          cfg.seed)
         self.eval_batcher = None
@@ -232,7 +240,6 @@ class Trainer:
         for indices in (np.sort(order[held_out:]), np.sort(order[:held_out])):
             subset = TokenizedPreferenceDataset(tokenized.rows.select(indices.tolist()), tokenized.kind,
                                                 tokenized.pad_token_id, tokenized.report, tokenized.load_report)
-            subset.source_indices = indices
             parts.append((subset, None if embeddings is None else embeddings[torch.as_tensor(indices)],
                           f"{source}[{'train' if len(parts) == 0 else 'eval'} split]"))
         return parts[0], parts[1]
@@ -291,7 +298,11 @@ class Trainer:
         from safetensors.torch import load_file, save_file
 
         path = self._reference_cache_file(tokenized)
-        if path.is_file():
+        # One decision for all ranks (a file appearing between two ranks' checks must not split them).
+        decision = [path.is_file()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
             table = load_file(str(path))["logps"]
             if self.is_main:
                 logger.info("reference log-probs of %s loaded from %s", source, path)
@@ -315,9 +326,10 @@ class Trainer:
                                                  pad_token_id=tokenized.pad_token_id)
                 logps, _ = self._sequence_logps(model, batch, grad=False)
                 table[torch.as_tensor(chunk), f] = logps.double().cpu()
-        if self.dp_size > 1:
-            dist.all_reduce(table, group=self.dp_group)  # every row was computed by exactly one DP rank
-        table = table.float()
+        if self.dp_size > 1:  # every row was computed by exactly one DP rank
+            table = table.to(collective_device(self.dp_group))
+            dist.all_reduce(table, group=self.dp_group)
+        table = table.float().cpu()
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -669,6 +681,23 @@ def _rows(tensor: Optional[torch.Tensor], start: int, stop: int) -> Optional[tor
 
 def _cat(tensors: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+def resolve_model_path(name: str, option: str) -> str:
+    """A local HF folder as is; otherwise a Hub name, fetched into (or found in, offline) the Hugging Face cache."""
+    if Path(name).is_dir():
+        return str(name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return snapshot_download(name, allow_patterns=patterns)
+    except HFValidationError:
+        raise ConfigError(f"{option} {name}: not a folder and not a Hugging Face model name") from None
+    except Exception as error:  # offline without a cached copy, unknown repo, no access, ...
+        raise ConfigError(f"{option} {name}: not a local folder, and fetching it from the Hugging Face Hub failed "
+                          f"({type(error).__name__}: {error})") from None
 
 
 def _default_cache_root() -> Path:

@@ -1,0 +1,223 @@
+"""The same DPO training step in rpo and in TRL's DPOTrainer: tokens/s and peak memory, as ratios.
+
+Both sides train DPO (sigmoid loss, β = 0.1) with RMSprop (lr 5e-7, gradient clipping 1.0), float32 on the CPU, a
+reference model kept in memory, no evaluation, logging or checkpoints, on the same model folder, the same
+shortened rows of ../shared/data/paired.jsonl (benchmarks/_common.short_paired_subset: no row needs truncation on
+either side) and the same batch of --batch pairs. Models: a tiny random LLaMA with SmolLM2's tokenizer and
+49152-token vocabulary, and SmolLM2-135M-Instruct itself (the embedded default model).
+
+  rpo: rpo.train.Trainer with --loss dpo (benchmarks/trainer_step.py's worker: megatron-core GPTModel, chunked
+       vocab-parallel log-probs).
+  trl: trl.DPOTrainer (Hugging Face model, TRL's own fused/chunked LM-head log-probs), run by the interpreter of a
+       separate environment (--trl-python; `make bench-trl` creates benchmarks/results/.venv-trl), so TRL is never
+       installed into .venv. Variants: "trl" (gradient_checkpointing=False, like rpo) and "trl, its defaults"
+       (gradient_checkpointing=True, DPOConfig's default).
+
+Each side runs in its own fresh process with the same thread count; --warmup steps are dropped, then per step the
+wall time and the process CPU time (optimizer step included, data loading excluded on both sides) and the rise of
+the peak resident set above the resident set at the step's start. tokens/s = mean non-padding tokens per step /
+median step time (also per CPU second, the stable measure on a shared machine). Ratios are rpo / TRL: speed ≥ 1.0
+and memory ≤ 0.5 are the issue's goals.
+
+    make bench-trl          # or: .venv/bin/python benchmarks/trl_dpo.py --trl-python PATH [--models tiny smollm2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TRL_PYTHON = _common.RESULTS_DIR / ".venv-trl" / "bin" / "python"
+
+
+def _trl_worker(spec: dict) -> dict:
+    """One TRL DPOTrainer run (executed by the TRL environment's interpreter)."""
+    _common.limit_malloc_caching()
+    torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)
+    import datasets
+    import transformers
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    records: list[dict] = []
+    tokens: list[int] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.memory = _common.PeakMemory("cpu").__enter__()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seconds, cpu_seconds = time.perf_counter() - self.started, time.process_time() - self.cpu_started
+            self.memory.__exit__(None, None, None)
+            records.append({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": self.memory.peak_bytes})
+
+    class CountingDPOTrainer(DPOTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    # Passed explicitly (TRL would load the same weights itself from config.architectures, which a folder written
+    # without that field, such as rpo's converted SmolLM2, lacks).
+    ref_model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    dataset = datasets.load_dataset("json", data_files=spec["data"], split="train")
+    output_dir = tempfile.mkdtemp(prefix="rpo-bench-trl-")
+    config = DPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+        learning_rate=5e-7, optim="rmsprop", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+        beta=0.1, loss_type=["sigmoid"], max_length=spec["max_length"], max_steps=spec["warmup"] + spec["steps"],
+        gradient_checkpointing=spec["gradient_checkpointing"], bf16=False, fp16=False, use_cpu=True,
+        precompute_ref_log_probs=False, logging_steps=10**6, save_strategy="no", eval_strategy="no",
+        report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = CountingDPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                                 processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.train()
+    timed = records[spec["warmup"]:]
+    timed_tokens = tokens[spec["warmup"]:len(records)]
+    return {"median_ms": statistics.median(r["seconds"] for r in timed) * 1e3,
+            "cpu_ms": statistics.median(r["cpu_seconds"] for r in timed) * 1e3,
+            "step_ms": [r["seconds"] * 1e3 for r in timed],
+            "peak_extra_mib": max(r["peak_bytes"] for r in timed) / _common.MIB,
+            "tokens_per_step": statistics.mean(timed_tokens),
+            "resident_mib": _common.resident_bytes() / _common.MIB,
+            "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
+                         "torch": torch.__version__},
+            "attention": model.config._attn_implementation}
+
+
+def _rpo_run(spec: dict, threads: int) -> dict:
+    rpo_spec = dict(model=spec["model"], data=spec["data"], cache=spec["cache"], cases=[("dpo", "dpo", False, 1)],
+                    global_batch=spec["batch"], max_length=spec["max_length"],
+                    max_prompt_length=spec["max_length"] // 2, steps=spec["steps"], warmup=spec["warmup"],
+                    threads=threads)
+    result = _common.run_worker(HERE / "trainer_step.py", rpo_spec, env=_common.benchmark_env(threads),
+                                timeout=7200)[0]["dpo"]
+    return result
+
+
+def _trl_run(spec: dict, threads: int, trl_python: Path, gradient_checkpointing: bool) -> dict:
+    trl_spec = dict(spec, threads=threads, gradient_checkpointing=gradient_checkpointing)
+    env = _common.benchmark_env(threads)
+    env.pop("PYTHONPATH", None)  # TRL's environment must not see the checkout
+    return _common.run_worker(__file__, trl_spec, python=str(trl_python), env=env, timeout=7200)[0]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    worker = _common.worker_io(argv)
+    if worker is not None:
+        spec, result_path = worker
+        _common.write_worker_result(result_path, _trl_worker(spec))
+        return 0
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trl-python", type=Path, default=DEFAULT_TRL_PYTHON,
+                        help="interpreter of the environment that has trl installed")
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=64, help="rows of ../shared/data/paired.jsonl used")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--response-tokens", type=int, default=32)
+    parser.add_argument("--trl-variants", nargs="+", default=["plain", "checkpointing"],
+                        choices=["plain", "checkpointing"],
+                        help="plain: gradient_checkpointing=False (like rpo); checkpointing: TRL's default True")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=_common.default_output("trl_dpo"))
+    args = parser.parse_args(argv)
+
+    if not args.trl_python.exists():
+        parser.error(f"{args.trl_python} does not exist: run `make bench-trl` (it creates the TRL environment)")
+    probe = subprocess.run([str(args.trl_python), "-c", "import trl; print(trl.__version__)"], capture_output=True,
+                           text=True, env=_common.benchmark_env())
+    if probe.returncode != 0:
+        parser.error(f"{args.trl_python} cannot import trl:\n{probe.stderr[-2000:]}")
+
+    assets = _common.cache_root()
+    folders = {"tiny": _common.tiny_llama_folder(assets / "models", hidden=128, layers=2, heads=4, kv_heads=2,
+                                                 intermediate=256),
+               "smollm2": _common.smollm2_folder()}
+    data = _common.short_paired_subset(assets / "data", args.rows, prompt_tokens=args.prompt_tokens,
+                                       response_tokens=args.response_tokens)
+    max_length = 4 * (args.prompt_tokens + args.response_tokens)  # above every shortened row: no truncation
+    rows = []
+    versions = None
+    machine = _common.machine_info("cpu")
+    machine["torch_threads"] = args.threads
+    failures = []
+    for name in args.models:
+        spec = dict(model=str(folders[name]), data=str(data), cache=str(assets / "rpo-cache"), batch=args.batch,
+                    max_length=max_length, steps=args.steps, warmup=args.warmup)
+        runs = {}
+        started = time.perf_counter()
+        try:
+            runs["rpo"] = _rpo_run(spec, args.threads)
+            for variant in args.trl_variants:
+                label = "trl" if variant == "plain" else "trl, its defaults (gradient checkpointing)"
+                runs[label] = _trl_run(spec, args.threads, args.trl_python, variant == "checkpointing")
+                versions = runs[label]["versions"]
+        except RuntimeError as error:  # keep the other model's numbers; report and exit non-zero at the end
+            failures.append(f"{name}: {error}")
+            print(f"{name} FAILED:\n{error}", flush=True)
+            continue
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+        for label, run in runs.items():
+            rows.append({"model": name, "library": label, "tokens_per_step": run["tokens_per_step"],
+                         "median_ms": run["median_ms"],
+                         "tokens_per_s": run["tokens_per_step"] / (run["median_ms"] / 1e3),
+                         "cpu_ms": run["cpu_ms"], "tokens_per_cpu_s": run["tokens_per_step"] / (run["cpu_ms"] / 1e3),
+                         "peak_extra_mib": run["peak_extra_mib"], "resident_mib": run["resident_mib"],
+                         "step_ms": run["step_ms"]})
+        ours = rows[-len(runs)]
+        for row in rows[-len(runs):]:
+            row["rpo_speed_ratio"] = _common.ratio(ours["tokens_per_s"], row["tokens_per_s"])
+            row["rpo_cpu_speed_ratio"] = _common.ratio(ours["tokens_per_cpu_s"], row["tokens_per_cpu_s"])
+            row["rpo_memory_ratio"] = _common.ratio(ours["peak_extra_mib"], row["peak_extra_mib"])
+        machine["trl_environment"] = versions
+        out = _common.write_results(args.out, machine=machine, settings=vars(args), rows=rows)  # after each model
+
+    columns = [("model", "model", ""), ("library", "library", ""), ("tokens/step", "tokens_per_step", ".0f"),
+               ("median step ms", "median_ms", ".0f"), ("tokens/s", "tokens_per_s", ".0f"),
+               ("CPU ms/step", "cpu_ms", ".0f"), ("tokens/CPU-s", "tokens_per_cpu_s", ".0f"),
+               ("step peak MiB", "peak_extra_mib", ".0f"), ("resident MiB", "resident_mib", ".0f"),
+               ("rpo speed ÷ this", "rpo_speed_ratio", ".2f"), ("same, CPU time", "rpo_cpu_speed_ratio", ".2f"),
+               ("rpo memory ÷ this", "rpo_memory_ratio", ".2f")]
+    print()
+    print(_common.format_table(columns, rows))
+    print(f"\nmachine: {_common.describe_machine(machine)}; TRL side: {versions}")
+    print(f"batch {args.batch} pairs, rows of ≤{args.prompt_tokens} prompt + ≤{args.response_tokens} answer "
+          f"tokens, median of {args.steps} steps after {args.warmup}, float32")
+    for row in rows:
+        if row["library"] == "trl":
+            speed, memory = row["rpo_speed_ratio"], row["rpo_memory_ratio"]
+            print(f"goals vs TRL on {row['model']}: speed {speed:.2f}× wall, {row['rpo_cpu_speed_ratio']:.2f}× CPU "
+                  f"time ({'met' if min(speed, row['rpo_cpu_speed_ratio']) >= 1.0 else 'NOT met'}, goal ≥ 1.0), "
+                  f"peak memory {memory:.2f}× ({'met' if memory <= 0.5 else 'NOT met'}, goal ≤ 0.5)")
+    if rows:
+        print(f"wrote {out}")
+    if failures:
+        print(f"{len(failures)} model(s) failed: {[f.split(':')[0] for f in failures]}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
