@@ -563,8 +563,9 @@ def test_native_op_checks_its_arguments_too():
 
 
 def test_process_group_delegates_to_the_global_contrast(monkeypatch):
-    # With a process group the local shard may be empty or non-square ("diagonal" is checked globally by
-    # rpo.distributed); everything else is still validated here before delegating.
+    # With a process group the local shard may be empty or non-square, and validation happens collectively in
+    # rpo.distributed (so bad input on one rank raises on every rank instead of hanging the others; covered by
+    # tests/test_distributed.py): contrast_loss must delegate before validating anything locally.
     import rpo.distributed.contrast as distributed_contrast
 
     calls = []
@@ -580,6 +581,7 @@ def test_process_group_delegates_to_the_global_contrast(monkeypatch):
     assert [(m, n) for m, n, _ in calls] == [(0, 3), (3, 1)]
     assert calls[0][2]["process_group"] is group and calls[0][2]["alpha"] == 0.7
     assert calls[1][2]["margin"] == 0.5 and calls[1][2]["weighting"] == "uniform"
-    with pytest.raises(ValueError, match="tau must be > 0"):
-        contrast_loss(torch.randn(2), torch.randn(2), beta=0.2, tau=0.0, weighting="uniform", process_group=group)
-    assert len(calls) == 2
+    contrast_loss(torch.randn(2), torch.randn(2), beta=0.2, tau=0.0, weighting="uniform", process_group=group)
+    assert len(calls) == 3 and calls[2][2]["tau"] == 0.0
+    with pytest.raises(ValueError, match="tau must be > 0"):  # without a group the same call fails locally
+        contrast_loss(torch.randn(2), torch.randn(2), beta=0.2, tau=0.0, weighting="uniform")
