@@ -47,7 +47,7 @@ test-slow: install
 # The main job on the embedded default (SmolLM2-135M-Instruct on ../shared/data/paired.jsonl), 2 CPU ranks,
 # a small step budget; then the held-out evaluation of the trained model with transformers.
 DEMO_DIR ?= runs/demo
-DEMO_ARGS ?= --max-steps 4 --global-batch-size 8 --micro-batch-size 4 --max-prompt-length 128 --max-length 256 \
+DEMO_ARGS ?= --max-steps 3 --global-batch-size 8 --micro-batch-size 4 --max-prompt-length 96 --max-length 192 \
 	--eval-split-fraction 0.04 --eval-every 0 --save-every 0 --lr 1e-5 --output-dir $(DEMO_DIR)
 demo: install
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/train.py --loss rpo --global-contrast $(DEMO_ARGS)

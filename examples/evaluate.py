@@ -2,7 +2,7 @@
 
     python examples/evaluate.py --model runs/demo/final --dataset held_out.jsonl --output-json eval.json
 
-All options: --help, and docs/evaluation.md.
+All options: --help, and README.md (section "Evaluation").
 """
 import sys
 

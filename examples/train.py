@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 examples/train.py --loss rpo --global-contrast
     python examples/train.py --config run.yaml --lr 1e-6              # the command line overrides the YAML
 
-Every option: --help, and docs/training.md.
+Every option: --help, and README.md (section "Training with Megatron-core").
 """
 import sys
 

@@ -5,7 +5,7 @@
     embeddings = compute_prompt_embeddings(dataset.rows["prompt"], cache_dir=...)   # [rows, D], cached
     batcher = PreferenceBatcher(tokenized, embeddings, batch_size, rank, world_size, seed)
 
-See docs/data.md.
+See README.md (section "Data").
 """
 from .collate import PreferenceBatcher, collate_preference_batch
 from .embeddings import (DEFAULT_EMBEDDING_MODEL, OFFLINE_MODEL_PACKAGE, PromptEmbeddingCache,

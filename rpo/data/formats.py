@@ -7,7 +7,7 @@ Every supported layout is turned into conversational rows:
 
 A message is ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``. Rows that cannot be normalised
 raise :class:`BadRowError` naming file, row and field (strict, the default) or are skipped and counted by reason
-(``skip_bad_rows=True``). See docs/data.md for the formats and options.
+(``skip_bad_rows=True``). See README.md (section "Data") for the formats and options.
 """
 from __future__ import annotations
 

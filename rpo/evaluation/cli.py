@@ -1,4 +1,4 @@
-"""The command line of ``examples/evaluate.py`` (see docs/evaluation.md).
+"""The command line of ``examples/evaluate.py`` (see README.md (section "Evaluation")).
 
     python examples/evaluate.py --model runs/demo/final --dataset held_out.jsonl --output-json eval.json
 

@@ -1,5 +1,5 @@
 """Preference losses by name: built-ins (dpo, ipo, simpo, kto, sft, rpo, rpo-z, simpo-rpo), user plugins and
-weighted combinations. See docs/losses.md.
+weighted combinations. See README.md (section "Losses").
 
     from rpo.losses import build_loss
     loss = build_loss("rpo+0.2*sft", beta=0.1)

@@ -1,7 +1,7 @@
 """Batch-coupled contrast losses: rpo, rpo-z, simpo-rpo — all through `rpo.ops.contrast_loss`.
 
 The op computes  L = −1/(M·N) Σ_ij log σ(ω_ij·(β(a_i − b_j) − margin))  over every chosen row i and rejected row
-j; these losses only choose the scores a (chosen) and b (rejected). Equations and defaults: docs/losses.md.
+j; these losses only choose the scores a (chosen) and b (rejected). Equations and defaults: README.md (section "Losses").
 """
 from __future__ import annotations
 

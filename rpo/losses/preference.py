@@ -1,7 +1,7 @@
 """Separable losses: dpo, ipo, simpo (paired), kto (paired or unpaired), sft.
 
 ρ = log π_θ(y|x) − log π_ref(y|x) (per-sequence sums); h_i = ρ_chosen,i − ρ_rejected,i. Equations and defaults:
-docs/losses.md.
+README.md (section "Losses").
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The RPO contrast-matrix op: `contrast_loss` (public loss) and `contrast_loss_terms` (native primitive).
 
-See docs/op.md. `reference` holds the pure-PyTorch fallback and the authors' eager formulation.
+See README.md (section "The contrast-matrix op"). `reference` holds the pure-PyTorch fallback and the authors' eager formulation.
 """
 from rpo.ops import reference
 from rpo.ops.contrast import (

@@ -1,4 +1,4 @@
-"""The Megatron-core trainer: `Trainer(TrainConfig(...)).fit()` (see docs/training.md)."""
+"""The Megatron-core trainer: `Trainer(TrainConfig(...)).fit()` (see README.md (section "Training with Megatron-core"))."""
 from rpo.train.config import ConfigError, TrainConfig
 
 __all__ = ["Callback", "ConfigError", "TrainConfig", "Trainer", "configure_logging"]

@@ -40,7 +40,7 @@ LOSS_OPTION_FIELDS = ("beta", "tau", "alpha", "weighting", "weight_normalization
 
 @dataclass
 class TrainConfig:
-    """All options of a training run (see docs/training.md for the table)."""
+    """All options of a training run (see README.md (section "Training with Megatron-core") for the table)."""
 
     # --- model -------------------------------------------------------------------------------------------------
     model: Optional[str] = _opt(
