@@ -45,13 +45,15 @@ test-slow: install
 	$(VPY) -m pytest -q -m slow tests
 
 # The main job on the embedded default (SmolLM2-135M-Instruct on ../shared/data/paired.jsonl), 2 CPU ranks,
-# a small step budget; then the held-out evaluation of the trained model with transformers.
+# a small step budget; then the held-out evaluation of the trained model with transformers and two greedy answers.
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?= --max-steps 3 --global-batch-size 8 --micro-batch-size 4 --max-prompt-length 96 --max-length 192 \
 	--eval-split-fraction 0.04 --eval-every 0 --save-every 0 --lr 1e-5 --output-dir $(DEMO_DIR)
 demo: install
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/train.py --loss rpo --global-contrast $(DEMO_ARGS)
-	$(VPY) examples/evaluate.py --model $(DEMO_DIR)/final --run-held-out --output-json $(DEMO_DIR)/eval.json
+	$(VPY) examples/evaluate.py --model $(DEMO_DIR)/final --run-held-out --output-json $(DEMO_DIR)/eval.json \
+		--prompts ../shared/data/paired.jsonl --max-prompts 2 --max-new-tokens 32 \
+		--generations-output $(DEMO_DIR)/generations.jsonl
 
 TRL_VERSION ?= 1.16.0
 TRL_VENV := benchmarks/results/.venv-trl
