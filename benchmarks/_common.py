@@ -13,6 +13,7 @@ Each benchmark prints a table and writes JSON (machine, settings, rows) under be
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import json
@@ -235,14 +236,6 @@ def benchmark_env(threads: int | None = None, **extra: str) -> dict:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_worker(script: Path | str, spec: Mapping[str, Any], *, world_size: int = 1, python: str = sys.executable,
                env: Mapping[str, str] | None = None, timeout: float = 1800, log_dir: Path | None = None
                ) -> list[dict]:
@@ -254,8 +247,10 @@ def run_worker(script: Path | str, spec: Mapping[str, Any], *, world_size: int =
     """
     import tempfile
 
+    from rpo.models.parallel import free_port
+
     base_env = dict(env or benchmark_env())
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="rpo-bench-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(_jsonable(spec)))
@@ -294,6 +289,43 @@ def run_worker(script: Path | str, spec: Mapping[str, Any], *, world_size: int =
             tail = "\n".join(text.splitlines()[-40:])
             raise RuntimeError(f"worker {Path(script).name} {dict(spec)} failed (exit {code}):\n{tail}")
         return results
+
+
+def benchmark_main(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                   run: Callable[[argparse.Namespace, argparse.ArgumentParser], int | None],
+                   worker: Callable[[dict], Mapping[str, Any]] | None = None,
+                   argv: Sequence[str] | None = None) -> int:
+    """The entry point of a benchmark script: `main = lambda argv=None: benchmark_main(__doc__, ...)`.
+
+    With `--worker SPEC RESULT` (a process started by run_worker) it runs `worker(spec)` and writes its result;
+    otherwise it parses the script's options (`add_arguments(parser)`, its docstring as help) and returns
+    `run(args, parser)` (None counts as 0).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if worker is not None:
+        io = worker_io(argv)
+        if io is not None:
+            spec, result_path = io
+            write_worker_result(result_path, worker(spec))
+            return 0
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), parser) or 0
+
+
+def report(out: Path, columns: Sequence[tuple[str, str, str]], rows: Sequence[Mapping[str, Any]], *,
+           machine: Mapping[str, Any], settings: Mapping[str, Any], notes: Sequence[str] = (),
+           **extra: Any) -> Path:
+    """Print the table, the machine line and `notes`; write the JSON results to `out`; returns its path."""
+    print()
+    print(format_table(columns, rows))
+    print(f"\nmachine: {describe_machine(machine)}")
+    for note in notes:
+        print(note)
+    path = write_results(out, machine=machine, settings=settings, rows=rows, **extra)
+    print(f"wrote {path}")
+    return path
 
 
 def worker_io(argv: Sequence[str]) -> tuple[dict, Path] | None:

@@ -1,42 +1,35 @@
-"""Benchmark: the native contrast op vs the authors' eager (Listing-1 style) PyTorch code.
+"""Benchmark: the native contrast op vs one GEMM of the same cosines vs the authors' eager PyTorch code.
 
 Forward + backward of the RPO loss with embedding weighting and row normalisation at M = N, D = 384, float32:
-  op:    rpo.ops.contrast_loss (blocked, never materialises M x N)
-  eager: rpo.ops.reference.listing1_contrast_loss (full distance/weight/logit matrices + autograd)
-Reports the median wall time of forward + backward (op and eager iterations interleaved in one worker process,
-so both see the same load on a shared machine) and the peak extra memory of one forward + backward, measured in
-a fresh worker process per method and size: on CPU the peak-RSS rise (VmHWM after resetting it via
-/proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the inputs. Prints a table and writes JSON.
+  op:    rpo.ops.contrast_loss + backward (blocked, never materialises M x N)
+  gemm:  torch.mm(chosen_embeddings, rejected_embeddings.T) alone: the cosines' dot products, which the op must
+         compute too; the physical floor of the op (issue 11 asks for the op within 1.2x of it)
+  eager: rpo.ops.reference.authors_contrast_loss + backward (the authors' Listing 1: full distance, weight and
+         logit matrices, autograd)
+Times: the median (and minimum) of forward + backward, the three methods' iterations interleaved in one worker
+process so that all see the same load on a shared machine. Extra memory: the peak above the inputs of one call,
+measured in a fresh worker process per method and size (CPU: peak-RSS rise; CUDA: max_memory_allocated).
+Prints a table and writes JSON (benchmarks/results/contrast_loss.json by default).
 
     python benchmarks/contrast_loss.py                       # CPU, M = N in 512 2048 4096 8192
     python benchmarks/contrast_loss.py --device cuda --sizes 4096 16384 65536
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "contrast_loss.json"
-METHODS = ("op", "eager")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+METHODS = ("op", "gemm", "eager")
+BETA, TAU = 0.1, 0.5
 
 
-def _status_kib(field: str) -> int:
-    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
-def _make_inputs(size: int, dim: int, device: str):
+def _inputs(size: int, dim: int, device: str):
     gen = torch.Generator().manual_seed(0)
     chosen = torch.randn(size, generator=gen).to(device).requires_grad_()
     rejected = torch.randn(size, generator=gen).to(device).requires_grad_()
@@ -45,15 +38,18 @@ def _make_inputs(size: int, dim: int, device: str):
     return chosen, rejected, chosen_emb, rejected_emb
 
 
-def _step_fn(method: str, beta: float, tau: float):
+def _step(method: str):
     from rpo.ops import contrast_loss, reference
 
     def step(chosen, rejected, chosen_emb, rejected_emb):
+        if method == "gemm":
+            torch.mm(chosen_emb, rejected_emb.T)
+            return None
         if method == "op":
-            loss = contrast_loss(chosen, rejected, beta=beta, chosen_embeddings=chosen_emb,
-                                 rejected_embeddings=rejected_emb, tau=tau)
+            loss = contrast_loss(chosen, rejected, beta=BETA, chosen_embeddings=chosen_emb,
+                                 rejected_embeddings=rejected_emb, tau=TAU)
         else:
-            loss = reference.listing1_contrast_loss(chosen, rejected, chosen_emb, rejected_emb, beta=beta, tau=tau)
+            loss = reference.authors_contrast_loss(chosen, rejected, chosen_emb, rejected_emb, beta=BETA, tau=TAU)
         loss.backward()
         chosen.grad = rejected.grad = None
         return loss.item()
@@ -61,177 +57,116 @@ def _step_fn(method: str, beta: float, tau: float):
     return step
 
 
-def _peak_extra_mib(step, inputs, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(*inputs)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    step(*inputs)
-    return (_status_kib("VmHWM") - base) / 1024
-
-
-def memory_worker(method: str, size: int, dim: int, device: str) -> dict:
-    """Peak extra memory of one forward + backward, in a process that ran nothing big before."""
-    step = _step_fn(method, beta=0.1, tau=0.5)
-    step(*_make_inputs(min(size, 64), dim, device))  # loads kernels / BLAS outside the measurement
-    inputs = _make_inputs(size, dim, device)
-    result = {"method": method, "size": size}
-    try:
-        result["peak_extra_mib"] = _peak_extra_mib(step, inputs, device)
-    except torch.OutOfMemoryError as exc:  # eager at large sizes on a GPU
-        result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-    return result
-
-
-def time_worker(size: int, dim: int, device: str, min_time: float, max_repeats: int) -> dict:
-    """Median forward + backward time of each method, their iterations interleaved so that both see the same
-    machine load (the 2-core machines this runs on are shared)."""
-    steps = {method: _step_fn(method, beta=0.1, tau=0.5) for method in METHODS}
-    inputs = _make_inputs(size, dim, device)
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
-    failed: dict[str, str] = {}
-    losses = {}
-    for method, step in steps.items():  # warm-up, and the loss value for the record
+def _time_methods(spec: dict) -> dict:
+    """Interleaved repeats of every method until each has `min_repeats` and `min_time` seconds have passed."""
+    device = spec["device"]
+    inputs = _inputs(spec["size"], spec["dim"], device)
+    steps = {method: _step(method) for method in spec["methods"]}
+    seconds: dict[str, list[float]] = {method: [] for method in steps}
+    errors = {}
+    for method, step in steps.items():  # warm-up (kernels, BLAS, allocator) outside the measurement
         try:
-            losses[method] = step(*inputs)
+            step(*inputs)
         except torch.OutOfMemoryError as exc:
-            failed[method] = f"out of memory: {str(exc).splitlines()[0]}"
+            errors[method] = f"out of memory: {str(exc).splitlines()[0]}"
             if device == "cuda":
                 torch.cuda.empty_cache()
     start_all = time.perf_counter()
     while True:
         for method, step in steps.items():
-            if method in failed:
-                continue
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(*inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[method].append(time.perf_counter() - start)
-        done = [len(t) for m, t in times.items() if m not in failed]
-        if not done or min(done) >= max_repeats or (min(done) >= 3 and time.perf_counter() - start_all > min_time):
+            if method not in errors:
+                seconds[method] += _common.time_repeated(lambda: step(*inputs), repeat=1, warmup=0, device=device)
+        counts = [len(seconds[m]) for m in steps if m not in errors]
+        if not counts or min(counts) >= spec["max_repeats"] or (
+                min(counts) >= spec["min_repeats"] and time.perf_counter() - start_all > spec["min_time"]):
             break
-    result = {}
-    for method in METHODS:
-        if method in failed:
-            result[method] = {"error": failed[method]}
-        else:
-            result[method] = {"time_ms": 1e3 * statistics.median(times[method]), "loss": losses[method],
-                              "times_ms": [round(1e3 * t, 2) for t in times[method]]}
-    return result
+    return {method: ({"error": errors[method]} if method in errors else _common.timing_summary(seconds[method]))
+            for method in steps}
 
 
-def _run_worker(args, *worker_args: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *worker_args, "--dim", str(args.dim), "--device", args.device,
-           "--min-time", str(args.min_time), "--max-repeats", str(args.max_repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        return {"error": f"worker failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _peak_memory(spec: dict) -> dict:
+    """Peak extra memory of one call of one method, in a process that ran nothing big before."""
+    device, method = spec["device"], spec["method"]
+    _common.limit_malloc_caching()
+    step = _step(method)
+    step(*_inputs(64, spec["dim"], device))  # loads kernels and BLAS outside the measurement
+    inputs = _inputs(spec["size"], spec["dim"], device)
+    try:
+        with _common.PeakMemory(device) as peak:
+            step(*inputs)
+    except torch.OutOfMemoryError as exc:  # eager at large sizes on a GPU
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    return {"peak_extra_mib": peak.peak_bytes / _common.MIB}
+
+
+def worker(spec: dict) -> dict:
+    return _time_methods(spec) if spec["kind"] == "time" else _peak_memory(spec)
 
 
 def measure(size: int, args) -> dict:
-    timing = _run_worker(args, "time", str(size))
-    row = {"device": args.device, "size": size}
+    base = {"size": size, "dim": args.dim, "device": args.device}
+    env = _common.benchmark_env(threads=args.threads)
+    timing = _common.run_worker(Path(__file__), dict(base, kind="time", methods=list(METHODS),
+                                                     min_time=args.min_time, min_repeats=args.min_repeats,
+                                                     max_repeats=args.max_repeats), env=env)[0]
+    row = {"device": args.device, "M = N": size}
     for method in METHODS:
-        result = dict(timing.get(method, {"error": timing.get("error", "no timing")}))
-        memory = _run_worker(args, "memory", str(size), method)
-        if "error" in memory:
-            result.setdefault("error", memory["error"])
-        else:
-            result["peak_extra_mib"] = memory["peak_extra_mib"]
-        row[method] = result
+        memory = _common.run_worker(Path(__file__), dict(base, kind="memory", method=method), env=env)[0]
+        result = {**timing[method], **memory}
+        row[f"{method} ms"] = result.get("median_ms")
+        row[f"{method} min ms"] = result.get("min_ms")
+        row[f"{method} MiB"] = result.get("peak_extra_mib")
+        if "error" in result:
+            row[f"{method} error"] = result["error"]
+    row["op / gemm"] = _common.ratio(row["op ms"], row["gemm ms"])
+    row["op / gemm (min)"] = _common.ratio(row["op min ms"], row["gemm min ms"])
+    row["eager / op"] = _common.ratio(row["eager ms"], row["op ms"])
     return row
 
 
-def machine_description(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1min": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+COLUMNS = [("device", "device", ""), ("M = N", "M = N", "d"), ("op (ms)", "op ms", ".1f"),
+           ("GEMM (ms)", "gemm ms", ".1f"), ("op / GEMM", "op / gemm", ".2f"),
+           ("op / GEMM, fastest runs", "op / gemm (min)", ".2f"), ("eager (ms)", "eager ms", ".1f"),
+           ("eager / op", "eager / op", ".1f"), ("op extra MiB", "op MiB", ".1f"),
+           ("GEMM extra MiB", "gemm MiB", ".1f"), ("eager extra MiB", "eager MiB", ".1f")]
 
 
-def format_table(rows: list[dict]) -> str:
-    header = ("| device | M = N | op time (ms) | eager time (ms) | speed-up | op extra memory (MiB) "
-              "| eager extra memory (MiB) | memory ratio |")
-    lines = [header, "|" + " --- |" * 8]
-    for row in rows:
-        op, eager = row["op"], row["eager"]
-
-        def fmt(result, key, spec):
-            return "error" if "error" in result else format(result[key], spec)
-
-        speedup = (f"{eager['time_ms'] / op['time_ms']:.1f}x"
-                   if "error" not in op and "error" not in eager else "-")
-        ratio = (f"{eager['peak_extra_mib'] / max(op['peak_extra_mib'], 1e-9):.0f}x"
-                 if "error" not in op and "error" not in eager else "-")
-        lines.append(f"| {row['device']} | {row['size']} | {fmt(op, 'time_ms', '.1f')} | "
-                     f"{fmt(eager, 'time_ms', '.1f')} | {speedup} | {fmt(op, 'peak_extra_mib', '.1f')} | "
-                     f"{fmt(eager, 'peak_extra_mib', '.1f')} | {ratio} |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 4096, 8192], help="M = N values")
     parser.add_argument("--dim", type=int, default=384, help="embedding dimension D")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed repeats per measurement")
-    parser.add_argument("--max-repeats", type=int, default=20)
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # internal: "time SIZE" | "memory SIZE METHOD"
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the workers (default: all)")
+    parser.add_argument("--output", "--out", type=Path, default=_common.default_output("contrast_loss"),
+                        help="JSON results file")
+    parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timed repeats per size")
+    parser.add_argument("--min-repeats", type=int, default=5)
+    parser.add_argument("--max-repeats", type=int, default=30)
 
-    if args.worker:
-        kind, size = args.worker[0], int(args.worker[1])
-        if kind == "time":
-            result = time_worker(size, args.dim, args.device, args.min_time, args.max_repeats)
-        else:
-            result = memory_worker(args.worker[2], size, args.dim, args.device)
-        print(json.dumps(result))
-        return
+
+def run(args, parser) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-
     import rpo.ops
 
     if not rpo.ops.extension_available():
-        print("warning: rpo._C is not built; 'op' measures the pure-PyTorch fallback", file=sys.stderr)
-    load_before = round(os.getloadavg()[0], 2)  # other processes on a shared machine skew wall times
+        parser.error("rpo._C is not built (make install): 'op' would measure the pure-PyTorch fallback")
+    machine = _common.machine_info(args.device)  # load average before the run: other processes skew wall times
     rows = []
     for size in args.sizes:
-        row = measure(size, args)
-        print(f"{args.device} M=N={size}: {row}", file=sys.stderr, flush=True)
-        rows.append(row)
-    table = format_table(rows)
-    print(table)
-    machine = machine_description(args.device)
-    machine["load_average_1min_before"] = load_before
-    print(f"\n{machine}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"machine": machine, "dim": args.dim, "dtype": "float32",
-                                       "weighting": "embedding", "weight_normalization": "row", "rows": rows,
-                                       "table": table}, indent=2) + "\n")
-    print(f"wrote {args.output}")
+        rows.append(measure(size, args))
+        print(f"{args.device} M=N={size}: {rows[-1]}", flush=True)
+    machine["load_average_1min_after"] = _common.machine_info(args.device)["load_average_1min"]
+    _common.report(args.output, COLUMNS, rows, machine=machine,
+                   settings=dict(dim=args.dim, dtype="float32", weighting="embedding", weight_normalization="row",
+                                 beta=BETA, tau=TAU, threads=args.threads, min_time=args.min_time),
+                   notes=["op and eager: forward + backward; GEMM: torch.mm of the same cosines' dot products "
+                          "(the op's floor); times are medians of interleaved runs"])
+    return 0
+
+
+def main(argv=None) -> int:
+    return _common.benchmark_main(__doc__, add_arguments, run, worker=worker, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,7 +3,8 @@
 Spawns W CPU ranks (gloo, FileStore) for each W in --world-sizes. Every rank holds --per-rank chosen and rejected
 answers (paired, "embedding" weighting, D-dim prompt embeddings) and runs, per step, forward + backward of
   local:  rpo.ops.contrast_loss on its own shard only (the authors' per-GPU M_r × N_r matrix), and
-  global: the same call with process_group (local rows × all W·N_r columns, plus the collectives).
+  global: rpo.distributed.global_contrast_loss over the W ranks (local rows × all W·N_r columns, plus the
+          collectives).
 Time: median over --steps steps, the slowest rank. Memory: growth of the peak RSS of a rank over all steps
 (max over ranks). Communication: the sizes of the tensors passed to each collective, counted by wrapping
 torch.distributed's functions (received bytes of the all-gathers, buffer bytes of the all-reduce).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -48,15 +50,15 @@ class CollectiveBytes:
         return counted
 
     def __enter__(self):
-        import rpo.distributed.contrast as contrast
-        self.contrast = contrast
-        self.gather, self.all_reduce = contrast._all_gather_single, dist.all_reduce
-        contrast._all_gather_single = self._counted(self.gather, "gathered")
+        import rpo.distributed.global_contrast as global_contrast
+        self.module = global_contrast
+        self.gather, self.all_reduce = global_contrast._all_gather_single, dist.all_reduce
+        global_contrast._all_gather_single = self._counted(self.gather, "gathered")
         dist.all_reduce = self._counted(self.all_reduce, "all_reduced")
         return self
 
     def __exit__(self, *exc):
-        self.contrast._all_gather_single, dist.all_reduce = self.gather, self.all_reduce
+        self.module._all_gather_single, dist.all_reduce = self.gather, self.all_reduce
 
 
 def _peak_rss_bytes() -> int:
@@ -87,6 +89,7 @@ def _worker(rank, world_size, store_path, out_path, per_rank_sizes, dim, steps, 
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=300))
+    from rpo.distributed import global_contrast_loss
     from rpo.ops import contrast_loss
 
     group = dist.group.WORLD
@@ -96,9 +99,9 @@ def _worker(rank, world_size, store_path, out_path, per_rank_sizes, dim, steps, 
         options = dict(beta=beta, weighting="embedding", chosen_embeddings=embeddings,
                        rejected_embeddings=embeddings, tau=0.5)
         row = {"world_size": world_size, "per_rank": per_rank, "global_batch": per_rank * world_size}
-        for mode, process_group in (("local", None), ("global", group)):
-            def loss_fn(a, b):
-                return contrast_loss(a, b, process_group=process_group, **options)
+        local_loss = functools.partial(contrast_loss, **options)
+        global_loss = functools.partial(global_contrast_loss, process_group=group, **options)
+        for mode, loss_fn in (("local", local_loss), ("global", global_loss)):
             _time_steps(loss_fn, chosen, rejected, 2)  # warm-up
             dist.barrier(group)
             rss_before = _peak_rss_bytes()

@@ -1,141 +1,197 @@
 #!/usr/bin/env bash
-# GPU verification of the native op, for a lent H100/H200 (the `device` tool) or any CUDA machine.
+# The GPU proof of the library, for a lent H100/H200 (the `device` tool) or any CUDA machine, in one call:
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT
+#   make gpu-wheels                                  # here, once: .gpu-bundle/ (wheels + tokenizers + data, ~10 MB)
+#   bash benchmarks/gpu_check.sh                     # there, carrying .gpu-bundle; results under $OUT
+#   GPU_CHECK_STAGE=alignment bash benchmarks/gpu_check.sh        # the second run: the alignment benchmark
+#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh # here: every stage's entry point on the CPU, tiny sizes
 #
-# 1. records the machine (nvidia-smi, nvcc, torch) in env.txt;
-# 2. builds the extension there with its CUDA kernels (TORCH_CUDA_ARCH_LIST, default 9.0 = Hopper):
-#    `python setup.py build_ext --inplace` -> rpo/_C.so, and checks that the CUDA kernel is registered;
-# 3. runs tests/test_ops_cuda.py (values and gradients vs the float64 reference, opcheck, gradcheck, bf16
-#    tolerances, torch.compile, streams, memory at M = N = 16384) -> test_ops_cuda.log / .xml;
-# 4. runs the op benchmark on CUDA (benchmarks/contrast_loss.py --device cuda) for M = N up to 65536, one size
-#    per call while time is left -> contrast_loss_cuda.json (merged) and .log;
-# 5. a diagnostic: the op's float32 error vs float64 with torch's float32 matmul precision "highest" (default)
-#    and "high" (TF32 cosines) -> diagnostics.json;
-# and writes summary.txt (one line per stage: exit status, seconds). Within 8 minutes in total: every stage has a
-# time limit and the benchmark skips sizes that no longer fit. Needs only torch, pytest, setuptools and ninja
-# (no megatron-core, datasets or network). At most 8 files are written (the device tool returns no more).
+# Stages (each with a time limit; a failed stage does not stop the next; the whole run within GPU_CHECK_BUDGET_S,
+# default 450 s, so under 8 minutes with set-up and summary):
+#   packages      the carried wheels (megatron-core, datasets, ...) into a --target folder on PYTHONPATH
+#   build         `setup.py build_ext --inplace` for this GPU (TORCH_CUDA_ARCH_LIST, default: its capability),
+#                 then the CUDA kernel must be registered and cuobjdump must find the promised architectures
+#                 (dry run: the configuration and the existing build import, nothing is rebuilt)
+#   op_tests      the CUDA op tests: pytest $GPU_CHECK_OP_TESTS (default "tests/ops -k cuda")
+#   op_numerics   float32 vs float64 error and TF32-on vs TF32-off (benchmarks/gpu/op_numerics.py)
+#   op_benchmark  benchmarks/contrast_loss.py, one size per call up to M = N = 65536 while its limit lasts
+#   trainer       dpo, rpo, rpo --global-contrast on one GPU (NCCL, 1 rank) in bf16, log-probs vs an fp32 run,
+#                 each scale option the trainer has: tokens/s, peak memory, MFU (benchmarks/gpu/trainer_check.py)
+#   llama_1b      a 1B-class LLaMA, steps with and without recomputation, --plan beside the measured peak
+#                 (benchmarks/gpu/llama_1b_step.py)
+#   alignment     (GPU_CHECK_STAGE=alignment only) benchmarks/alignment.py $GPU_CHECK_ALIGNMENT_ARGS
+# GPU_CHECK_STAGE may also be a comma-separated list of stage names. Writes at most 8 files under $OUT (the device
+# tool returns no more): summary.json (every stage's status, seconds and figures), env.txt and one log per stage
+# group; scratch files go to a temporary folder.
 set -u -o pipefail
 
-cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu}
+cd "$(dirname "$0")/.." || exit 1
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+if [ -z "${OUT:-}" ]; then
+  if [ "$DRY_RUN" = 1 ]; then OUT=$(mktemp -d); else OUT=benchmarks/results/gpu; fi
+fi
 mkdir -p "$OUT"
+WORK=$(mktemp -d)
+export GPU_CHECK_WORK=$WORK
 PY=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
-SIZES=${GPU_CHECK_SIZES:-"512 2048 4096 8192 16384 32768 65536"}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+BUNDLE=${GPU_CHECK_BUNDLE:-.gpu-bundle}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+case "${GPU_CHECK_STAGE:-proof}" in
+  proof) STAGES="packages build op_tests op_numerics op_benchmark trainer llama_1b" ;;
+  alignment) STAGES="packages build alignment" ;;
+  *) STAGES=${GPU_CHECK_STAGE//,/ } ;;
+esac
+export GPU_CHECK_DRY_RUN=$DRY_RUN PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$(date +%s)
-: > "$OUT/summary.txt"
 
 elapsed() { echo $(( $(date +%s) - START )); }
-left() { echo $(( BUDGET_S - $(elapsed) )); }
-note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+# limit_for WANTED: WANTED seconds, or what is left of the budget if that is less (at least 1).
+limit_for() {
+  local left=$(( BUDGET_S - $(elapsed) ))
+  if [ "$left" -lt "$1" ]; then echo $(( left > 1 ? left : 1 )); else echo "$1"; fi
+}
+selected() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# stage NAME LIMIT_S LOG COMMAND...: runs with a time limit, appends its status to summary.txt.
-stage() {
-  local name=$1 limit=$2 log=$3; shift 3
-  local t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
-  local rc=$?
-  note "$name: exit $rc in $(( $(date +%s) - t0 )) s (limit ${limit} s)"
-  return $rc
+# record NAME STATUS RC SECONDS LIMIT: one line per stage for benchmarks/gpu/write_summary.py.
+record() {
+  printf '{"name": "%s", "status": "%s", "rc": %s, "seconds": %s, "limit_s": %s}\n' "$@" >> "$WORK/stages.jsonl"
+  echo "== $1: $2 (exit $3, $4 s, limit $5 s)"
 }
 
-# ---- 1. machine ------------------------------------------------------------------------------------------------
+# stage NAME LIMIT LOG COMMAND...: the command under `timeout`, output appended to LOG; returns its exit code.
+stage() {
+  local name=$1 limit=$2 log=$3 started rc status
+  shift 3
+  started=$(date +%s)
+  echo "== $name (limit ${limit} s): $*" >> "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=passed ;;
+    124|137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  record "$name" "$status" "$rc" $(( $(date +%s) - started )) "$limit"
+  return "$rc"
+}
+
+# ---- the machine -----------------------------------------------------------------------------------------------
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-  command -v nvcc && nvcc --version 2>&1 | tail -2
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else None); print('cpu threads', torch.get_num_threads())"
-  "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|pytest|ninja|setuptools|triton) "
+  echo "stages: $STAGES; dry run: $DRY_RUN; budget: ${BUDGET_S} s"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+  if command -v nvcc >/dev/null; then nvcc --version 2>&1 | tail -2; fi
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'threads', torch.get_num_threads())"
 } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
 
-# setup.py takes CUDA_HOME, else /usr/local/cuda; a wrapper nvcc elsewhere would make cpp_extension guess wrong.
 if [ -z "${CUDA_HOME:-}" ]; then
-  for candidate in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13 \
-                   "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")")"; do
+  # setup.py takes CUDA_HOME, else /usr/local/cuda; a wrapper nvcc elsewhere would make cpp_extension guess wrong.
+  for candidate in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13; do
     if [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
       export CUDA_HOME=$candidate
       break
     fi
   done
 fi
-note "CUDA_HOME=${CUDA_HOME:-<not found>} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+echo "CUDA_HOME=${CUDA_HOME:-<not found>} MAX_JOBS=$MAX_JOBS OUT=$OUT" >> "$OUT/env.txt"
 
-# ---- 2. build --------------------------------------------------------------------------------------------------
-rm -f rpo/_C*.so
-stage build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
-stage cuda-kernel-registered 60 "$OUT/build.log" "$PY" -c "
-import torch, rpo.ops
-assert rpo.ops.extension_available(), 'rpo._C did not load'
-assert torch._C._dispatch_has_kernel_for_dispatch_key('rpo::contrast_loss_terms', 'CUDA'), 'no CUDA kernel in rpo._C'
-print('rpo._C with CUDA kernel:', __import__('rpo._C').__file__)
-" || { note "build failed: see build.log"; exit 1; }
-
-# ---- 3. CUDA tests ---------------------------------------------------------------------------------------------
-stage test_ops_cuda "$(( $(left) > 200 ? 200 : $(left) ))" "$OUT/test_ops_cuda.log" \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py --junitxml="$OUT/test_ops_cuda.xml"
-tail -3 "$OUT/test_ops_cuda.log" | tee -a "$OUT/summary.txt"
-
-# ---- 4. CUDA op benchmark, one size per call while time is left ------------------------------------------------
-mkdir -p "$OUT/sizes"
-for size in $SIZES; do
-  remaining=$(left)
-  if [ "$remaining" -lt 45 ]; then
-    note "benchmark M=N=$size skipped: ${remaining} s left"
-    continue
+# ---- packages: the carried wheels ------------------------------------------------------------------------------
+if selected packages; then
+  if [ "$DRY_RUN" = 1 ]; then
+    record packages skipped 0 0 0  # the carried wheels are for the GPU machine's Python 3.12
+  elif compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
+    stage packages "$(limit_for 20)" "$OUT/build.log" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$WORK/site" "$BUNDLE"/wheels/*.whl
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    # They were installed without their dependencies: the machine's own must satisfy them.
+    stage packages_import "$(limit_for 30)" "$OUT/build.log" "$PY" -W ignore -c \
+      "import megatron.core, datasets; print('megatron-core', megatron.core.__version__, 'datasets', datasets.__version__)"
+  else
+    record packages "not available" 0 0 0
+    echo "no wheels in $BUNDLE/wheels: using the installed megatron-core and datasets" >> "$OUT/build.log"
   fi
-  stage "benchmark M=N=$size" "$(( remaining - 30 ))" "$OUT/contrast_loss_cuda.log" \
-    "$PY" benchmarks/contrast_loss.py --device cuda --sizes "$size" --min-time 0.5 --max-repeats 10 \
-    --output "$OUT/sizes/$size.json"
-done
-"$PY" - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-parts = sorted((out / "sizes").glob("*.json"), key=lambda p: int(p.stem))
-if parts:
-    merged = json.loads(parts[0].read_text())
-    merged["rows"] = [row for p in parts for row in json.loads(p.read_text())["rows"]]
-    merged.pop("table", None)
-    (out / "contrast_loss_cuda.json").write_text(json.dumps(merged, indent=2) + "\n")
-    for p in parts:
-        p.unlink()
-    for row in merged["rows"]:
-        op, eager = row["op"], row["eager"]
-        print(row["size"], "op", op.get("time_ms", op.get("error")), "ms", op.get("peak_extra_mib"), "MiB | eager",
-              eager.get("time_ms", eager.get("error")), "ms", eager.get("peak_extra_mib"), "MiB")
-(out / "sizes").rmdir()
-EOF
-
-# ---- 5. diagnostic: float32 matmul precision of the embedding cosines -----------------------------------------
-if [ "$(left)" -gt 20 ]; then
-  stage diagnostics "$(( $(left) - 5 ))" "$OUT/summary.txt" "$PY" - "$OUT/diagnostics.json" <<'EOF'
-import json, sys
-import torch
-from rpo.ops import contrast_loss_terms
-n, dim = 4096, 384
-gen = torch.Generator(device="cuda").manual_seed(0)
-a, b = torch.randn(n, device="cuda", generator=gen), torch.randn(n, device="cuda", generator=gen)
-shared = torch.randn(1, dim, device="cuda", generator=gen)
-e = shared + torch.randn(n, dim, device="cuda", generator=gen)
-f = shared + torch.randn(n, dim, device="cuda", generator=gen)
-kw = dict(beta=0.5, margin=0.0, tau=0.5, alpha=0.8, weighting="embedding", weight_normalization="row",
-          loss_scale=1.0 / n**2)
-ref = contrast_loss_terms(a.double(), b.double(), e.double(), f.double(), **kw)
-result = {"M=N": n, "D": dim}
-for precision in ("highest", "high"):
-    torch.set_float32_matmul_precision(precision)
-    got = contrast_loss_terms(a, b, e, f, **kw)
-    result[precision] = {name: ((x.double() - y).abs().max() / y.abs().max()).item()
-                         for name, x, y in zip(("loss", "grad_chosen", "grad_rejected"), got, ref)}
-torch.set_float32_matmul_precision("highest")
-print("float32 relative error vs float64 (max over elements):", json.dumps(result))
-open(sys.argv[1], "w").write(json.dumps(result, indent=2) + "\n")
-EOF
 fi
 
-note "total: $(elapsed) s; files: $(ls "$OUT" | tr '\n' ' ')"
+# The assets (configs, tokenizers, data; no weights): the carried ones, or staged afresh for a dry run.
+if [ -z "${GPU_CHECK_ASSETS:-}" ] && [ "$DRY_RUN" = 1 ] && { selected trainer || selected llama_1b; }; then
+  GPU_CHECK_ASSETS=$WORK/assets
+  "$PY" benchmarks/gpu/assets.py "$GPU_CHECK_ASSETS" >> "$OUT/env.txt" 2>&1
+fi
+export GPU_CHECK_ASSETS=${GPU_CHECK_ASSETS:-$BUNDLE/assets}
+
+# ---- build -----------------------------------------------------------------------------------------------------
+if selected build; then
+  if [ "$DRY_RUN" = 1 ]; then
+    # The shared checkout's build is not replaced: its configuration is read and its extension must import.
+    stage build "$(limit_for 60)" "$OUT/build.log" "$PY" -c "
+import importlib.util, json, rpo.ops
+spec = importlib.util.spec_from_file_location('rpo_setup', 'setup.py')
+build = importlib.util.module_from_spec(spec); spec.loader.exec_module(build)
+print(json.dumps(build.build_config()))
+assert rpo.ops.extension_available(), 'rpo._C did not load'"
+  else
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+      TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+      export TORCH_CUDA_ARCH_LIST
+    fi
+    echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}" >> "$OUT/env.txt"
+    rm -f rpo/_C*.so
+    stage build "$(limit_for 110)" "$OUT/build.log" bash -c "
+      '$PY' setup.py build_ext --inplace &&
+      '$PY' -c \"import torch, rpo.ops; assert rpo.ops.extension_available(), 'rpo._C did not load'; \
+assert torch._C._dispatch_has_kernel_for_dispatch_key('rpo::contrast_loss_and_grads', 'CUDA'), 'no CUDA kernel'\" &&
+      '$PY' benchmarks/gpu/wheel_archs.py rpo/_C*.so"
+  fi
+fi
+
+# ---- the op ----------------------------------------------------------------------------------------------------
+if selected op_tests; then
+  read -r -a op_tests <<< "${GPU_CHECK_OP_TESTS:-tests/ops -k cuda}"
+  stage op_tests "$(limit_for 75)" "$OUT/op_tests.log" "$PY" -m pytest -q -p no:cacheprovider "${op_tests[@]}"
+fi
+if selected op_numerics; then
+  stage op_numerics "$(limit_for 20)" "$OUT/op_tests.log" "$PY" benchmarks/gpu/op_numerics.py "$WORK/op_numerics.json"
+fi
+if selected op_benchmark; then
+  if [ "$DRY_RUN" = 1 ]; then
+    sizes=${GPU_CHECK_SIZES:-64}; bench_args=(--device cpu --min-time 0.05 --max-repeats 2)
+  else
+    sizes=${GPU_CHECK_SIZES:-"1024 8192 32768 65536"}; bench_args=(--device cuda --min-time 0.5 --max-repeats 10)
+  fi
+  mkdir -p "$WORK/op_benchmark"
+  bench_end=$(( $(elapsed) + $(limit_for 55) ))
+  for size in $sizes; do
+    left=$(( bench_end - $(elapsed) ))
+    if [ "$left" -lt 5 ]; then
+      record "op_benchmark M=N=$size" "skipped" 0 0 0
+      continue
+    fi
+    stage "op_benchmark M=N=$size" "$left" "$OUT/op_benchmark.log" "$PY" benchmarks/contrast_loss.py "${bench_args[@]}" \
+      --sizes "$size" --output "$WORK/op_benchmark/$size.json"
+  done
+fi
+
+# ---- the trainer -----------------------------------------------------------------------------------------------
+if selected trainer; then
+  stage trainer "$(limit_for 110)" "$OUT/trainer.log" "$PY" benchmarks/gpu/trainer_check.py "$WORK/trainer.json"
+fi
+if selected llama_1b; then
+  stage llama_1b "$(limit_for 120)" "$OUT/llama_1b.log" "$PY" benchmarks/gpu/llama_1b_step.py "$WORK/llama_1b.json"
+fi
+
+# ---- the alignment benchmark (its own run) ---------------------------------------------------------------------
+if selected alignment; then
+  if [ -f benchmarks/alignment.py ]; then
+    if [ "$DRY_RUN" = 1 ]; then alignment_args=(--help); else read -r -a alignment_args <<< "${GPU_CHECK_ALIGNMENT_ARGS:-}"; fi
+    stage alignment "$(limit_for 420)" "$OUT/alignment.log" "$PY" benchmarks/alignment.py "${alignment_args[@]}"
+  else
+    record alignment "not available" 0 0 0
+  fi
+fi
+
+"$PY" benchmarks/gpu/write_summary.py "$WORK" "$OUT" --total-seconds "$(elapsed)"
+summary_rc=$?
+rm -rf "$WORK"
+exit "$summary_rc"

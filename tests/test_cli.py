@@ -94,6 +94,54 @@ def test_evaluate_help_lists_the_documented_options():
         assert flag in result.stdout, flag
 
 
+# --- the commands: console scripts, python -m, the example scripts --------------------------------------------------
+
+COMMANDS = {"rpo-train": "rpo.train.cli:main", "rpo-eval": "rpo.evaluation.cli:main"}
+HELP_FLAGS = {"rpo-train": "--global-contrast", "rpo-eval": "--run-held-out"}
+
+
+def test_console_scripts_are_declared_in_pyproject():
+    import tomllib
+
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"] == COMMANDS
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_python_m_runs_the_command(command):
+    module = COMMANDS[command].split(":")[0].rsplit(".", 1)[0]  # rpo.train.cli -> python -m rpo.train
+    result = run_script("-m", module, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {module} ") and HELP_FLAGS[command] in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_installed_console_script_answers_help(command):
+    import importlib.metadata
+
+    installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert installed.get(command) == COMMANDS[command], (
+        f"{command} is not in the installed rpo's entry points: run `make install` (pip install -e .) again")
+    script = Path(sys.executable).parent / command
+    assert script.is_file(), f"{script} missing: run `make install` again"
+    result = subprocess.run([str(script), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {command} ") and HELP_FLAGS[command] in result.stdout
+
+
+def test_example_scripts_call_the_commands_code(monkeypatch):
+    import rpo.train.cli
+
+    calls = []
+    monkeypatch.setattr(rpo.train.cli, "main", lambda argv=None, prog="rpo-train": calls.append((argv, prog)) or 0)
+    assert load_script(TRAIN_SCRIPT).main(["--max-steps", "1"]) == 0  # loaded after the patch: binds the fake
+    assert calls == [(["--max-steps", "1"], "train.py")]
+    assert "from rpo.evaluation.cli import main" in EVALUATE_SCRIPT.read_text()
+    result = run_script(EVALUATE_SCRIPT, "--model", "m", timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("usage: evaluate.py ")
+    assert "evaluate.py: error: nothing to evaluate" in result.stderr
+
+
 # --- precedence ----------------------------------------------------------------------------------------------------
 
 def test_defaults_then_yaml_then_command_line(train_script, fake_trainer, tmp_path):

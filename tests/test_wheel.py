@@ -34,6 +34,12 @@ TORCH_RELEASE = torch.__version__.split("+")[0]
 BUILD_TIMEOUT = 900
 
 
+def rpo_release() -> str:
+    import rpo
+
+    return rpo.__version__
+
+
 def _run(command, cwd, timeout=BUILD_TIMEOUT, env=None):
     proc = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env)
@@ -96,13 +102,21 @@ def test_sdist_carries_every_native_source(sdist, source_copy):
     assert {n for n in expected_native if n.endswith((".cuh", ".h", ".cu", ".cpp"))} == expected_native
     missing = sorted(expected_native - names)
     assert not missing, f"sdist lacks {missing} (MANIFEST.in must graft csrc/)"
-    for required in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "rpo/__init__.py",
-                     "rpo/ops/contrast.py"):
+    for required in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md"):
         assert required in names, f"sdist lacks {required}"
+    missing_modules = sorted(set(_package_modules(source_copy)) - names)
+    assert not missing_modules, f"sdist lacks {missing_modules}"
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "sdist holds build products"
 
 
-def test_wheel_holds_the_compiled_op_and_pins_torch(wheel):
+def _package_modules(source: Path) -> list[str]:
+    """Every module of the rpo package in the checkout's files, as paths relative to the source root."""
+    modules = [str(p.relative_to(source)) for p in (source / "rpo").rglob("*.py")]
+    assert "rpo/__init__.py" in modules, "the checkout has no rpo package"
+    return modules
+
+
+def test_wheel_holds_the_compiled_op_and_pins_torch(wheel, source_copy):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
@@ -110,8 +124,8 @@ def test_wheel_holds_the_compiled_op_and_pins_torch(wheel):
         wheel_info = archive.read(metadata_name.replace("METADATA", "WHEEL")).decode()
     extensions = [n for n in names if n.startswith("rpo/_C") and n.endswith(".so")]
     assert len(extensions) == 1, f"wheel should hold exactly one rpo/_C*.so, has {extensions}"
-    for module in ("rpo/__init__.py", "rpo/ops/contrast.py", "rpo/losses/registry.py", "rpo/train/trainer.py"):
-        assert module in names, f"wheel lacks {module}"
+    missing_modules = sorted(set(_package_modules(source_copy)) - set(names))
+    assert not missing_modules, f"wheel lacks {missing_modules}"
     assert not [n for n in names if n.startswith(("csrc/", "tests/"))]
     requirements = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
                     if line.startswith("Requires-Dist:")]
@@ -122,6 +136,11 @@ def test_wheel_holds_the_compiled_op_and_pins_torch(wheel):
     # Python version).
     assert "Root-Is-Purelib: false" in wheel_info
     assert "-cp310-abi3-linux_" in wheel.name, wheel.name
+    # The local version says which kernels are inside (PyTorch's convention): +cpu here, +cuXYZ with CUDA.
+    label = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
+    version = next(line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Version:"))
+    assert version == f"{rpo_release()}+{label}", version
+    assert wheel.name.startswith(f"rpo-{version}-"), wheel.name
 
 
 def _fresh_venv(root: Path) -> Path:

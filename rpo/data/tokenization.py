@@ -20,6 +20,7 @@ from typing import Any
 import datasets
 
 from .formats import PAIRED, UNPAIRED, LoadReport, PreferenceDataset, messages_to_text
+from .progress import StageProgress, datasets_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,20 @@ def _fingerprint(rows: datasets.Dataset, tokenizer: Any, max_prompt_length: int,
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def count_truncated_rows(rows: datasets.Dataset, kind: str) -> int:
+    """Rows of tokenised ``rows`` whose prompt or any response was truncated."""
+    flags = [list(rows["prompt_truncated"])] + [list(rows[f"{name}_truncated"]) for name in RESPONSE_FIELDS[kind]]
+    return sum(any(row_flags) for row_flags in zip(*flags))
+
+
 def tokenize_preference_dataset(dataset: PreferenceDataset, tokenizer: Any, *, max_prompt_length: int = 256,
-                                max_length: int = 512, num_proc: int | None = None) -> TokenizedPreferenceDataset:
-    """Tokenise a :class:`PreferenceDataset` (defaults: the paper's 256 prompt / 512 total tokens)."""
+                                max_length: int = 512, num_proc: int | None = None,
+                                progress: bool = True) -> TokenizedPreferenceDataset:
+    """Tokenise a :class:`PreferenceDataset` (defaults: the paper's 256 prompt / 512 total tokens).
+
+    ``progress``: a progress bar (``datasets``'); False: none, a log line at least every 30 s instead (the
+    trainer passes True on rank 0 only).
+    """
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
     if max_length <= max_prompt_length:
@@ -142,6 +154,11 @@ def tokenize_preference_dataset(dataset: PreferenceDataset, tokenizer: Any, *, m
     bos = [] if use_template or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if use_template or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     source = dataset.report.source
+    # Without a bar: log lines from inside the map; with num_proc, each worker logs its own share of the rows.
+    workers = num_proc or 1
+    log_progress = None if progress else StageProgress(
+        f"tokenising {source}" + (f" (one of {workers} workers)" if workers > 1 else ""),
+        -(-len(dataset.rows) // workers), progress=False, logger=logger)
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         prompt_texts, response_texts = [], []
@@ -177,17 +194,19 @@ def tokenize_preference_dataset(dataset: PreferenceDataset, tokenizer: Any, *, m
                 response = response[:budget]
                 out[f"{name}_input_ids"].append(prompt + response)
                 out[f"{name}_loss_mask"].append([False] * len(prompt) + [True] * len(response))
+        if log_progress is not None:
+            log_progress.update(len(indices))
         return out
 
-    rows = dataset.rows.map(tokenize_batch, batched=True, with_indices=True, num_proc=num_proc,
-                            new_fingerprint=_fingerprint(dataset.rows, tokenizer, max_prompt_length, max_length),
-                            desc="tokenising preference data")
-    prompt_truncated = list(rows["prompt_truncated"])
-    response_truncated = [list(rows[f"{name}_truncated"]) for name in fields]
-    rows_truncated = sum(p or any(r[i] for r in response_truncated) for i, p in enumerate(prompt_truncated))
-    report = TokenizeReport(rows=len(rows), sequences=len(rows) * len(fields), prompts_truncated=sum(prompt_truncated),
-                            responses_truncated=sum(sum(r) for r in response_truncated), rows_truncated=rows_truncated,
-                            chat_template=use_template, max_prompt_length=max_prompt_length, max_length=max_length)
+    with datasets_progress_bars(progress):
+        rows = dataset.rows.map(tokenize_batch, batched=True, with_indices=True, num_proc=num_proc,
+                                new_fingerprint=_fingerprint(dataset.rows, tokenizer, max_prompt_length, max_length),
+                                desc=f"tokenising {source}")
+    report = TokenizeReport(rows=len(rows), sequences=len(rows) * len(fields),
+                            prompts_truncated=sum(rows["prompt_truncated"]),
+                            responses_truncated=sum(sum(rows[f"{name}_truncated"]) for name in fields),
+                            rows_truncated=count_truncated_rows(rows, dataset.kind), chat_template=use_template,
+                            max_prompt_length=max_prompt_length, max_length=max_length)
     logger.info("%s: %s", source, report.summary())
     pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     return TokenizedPreferenceDataset(rows, dataset.kind, pad_token_id, report, dataset.report)

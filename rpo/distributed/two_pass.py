@@ -4,8 +4,8 @@ The contrast loss couples every chosen answer with every rejected answer of the 
 independent per-microbatch losses. Instead:
 
   pass 1: run `score_fn` on every microbatch without grad (no activations kept) and cache the scores;
-  loss:   build the contrast matrix of the whole step (global over the DP group when `loss_fn` has a
-          process_group) on leaf copies of the cached scores and get g = dL/dscore for every sequence;
+  loss:   build the contrast matrix of the whole step (global over the DP group when `loss_fn` is global) on
+          leaf copies of the cached scores and get g = dL/dscore for every sequence;
   pass 2: re-run `score_fn` on each microbatch with grad and back-propagate Σ_i g_i · score_i, which puts exactly
           dL/dθ (through that microbatch's sequences) into the parameters' .grad.
 
@@ -55,8 +55,8 @@ class TwoPassContrast:
     score_fn(microbatch) -> (chosen_scores [M_k], rejected_scores [N_k]): the rewards of the microbatch's answers
         (differentiable w.r.t. the model; called twice per microbatch, once without and once with grad).
     loss_fn(chosen_scores, rejected_scores, **embeddings) -> scalar: the contrast loss of the whole step, e.g.
-        functools.partial(rpo.ops.contrast_loss, beta=0.1, process_group=dp_group) for a global matrix over
-        the data-parallel group, or without process_group for one rank.
+        functools.partial(rpo.distributed.global_contrast_loss, beta=0.1, process_group=dp_group) for a global
+        matrix over the data-parallel group, or functools.partial(rpo.ops.contrast_loss, beta=0.1) for one rank.
     embedding_fn(microbatch) -> (chosen_embeddings [M_k, D], rejected_embeddings [N_k, D]), optional: the prompt
         embeddings for "embedding" weighting; passed to loss_fn as chosen_embeddings=, rejected_embeddings=.
     loss_scale: multiplies the loss before backward; under a DP wrapper that averages gradients pass

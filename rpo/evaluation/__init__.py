@@ -1,4 +1,4 @@
-"""Evaluation of trained policies with Hugging Face models (see README.md (section "Evaluation")).
+"""Evaluation of trained policies with Hugging Face models (see docs/evaluation.md).
 
     summary, records = evaluate_implicit_reward(policy, reference, tokenized, beta=0.1)   # reward accuracy/margin
     answers = generate_responses(policy, tokenizer, prompts)                              # greedy (temperature 0)

@@ -1,4 +1,4 @@
-"""The command line of ``examples/evaluate.py`` (see README.md (section "Evaluation")).
+"""The evaluation command: `rpo-eval`, `python -m rpo.evaluation` and examples/evaluate.py (docs/evaluation.md).
 
     python examples/evaluate.py --model runs/demo/final --dataset held_out.jsonl --output-json eval.json
 
@@ -32,9 +32,9 @@ class EvaluationError(ValueError):
     """Bad evaluation input; the message names the option or file."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "rpo-eval") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="evaluate.py",
+        prog=prog,
         description="Evaluate a trained policy: held-out implicit-reward accuracy and margin against the reference "
         "model, the policy's log-probs of chosen vs rejected answers, greedy generation for a prompt file, and "
         "the win rate of those generations under a pairwise judge (an OpenAI-compatible endpoint with the RPO "
@@ -211,18 +211,21 @@ def default_model_path() -> str:
 
 
 def default_dataset_path() -> str:
-    from rpo.train.trainer import default_dataset_path as embedded
+    from rpo.train.config import default_dataset_path as embedded
 
     return str(embedded())
 
 
 def run_held_out_rows(config, tokenized, source: str):
     """The rows of ``tokenized`` (the run's whole --dataset) that the run held out for evaluation."""
-    from rpo.train.trainer import Trainer
+    from rpo.data import held_out_rows, select_rows
 
-    # The trainer's own seeded split (it needs only the config), so the rows are exactly the run's.
-    _, (held_out, _, _) = Trainer(config)._split((tokenized, None, source), config.eval_split_fraction)
-    return held_out
+    # The seeded split the trainer makes, so the rows are exactly the run's.
+    try:
+        _, rows = held_out_rows(len(tokenized), config.eval_split_fraction, config.seed)
+    except ValueError as error:
+        raise EvaluationError(f"--run-held-out {source}: {error}") from None
+    return select_rows(tokenized, rows)
 
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -344,15 +347,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from rpo.data import load_preference_dataset, tokenize_preference_dataset
+    from rpo.data.tokenization import count_truncated_rows
     from rpo.evaluation.generation import PromptRow, generate_responses, load_prompt_file
     from rpo.evaluation.implicit_reward import evaluate_implicit_reward
     from rpo.evaluation.judge import compare_pairwise, render_conversation
 
     progress = not args.no_progress
-    if not progress:
-        import datasets
-
-        datasets.disable_progress_bars()
     settings = resolve_settings(args)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if device.type == "cpu":
@@ -386,10 +386,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if dataset_name is not None:
         try:
             dataset = load_preference_dataset(dataset_name, split, columns=columns, skip_bad_rows=skip_bad_rows)
-        except (ValueError, FileNotFoundError) as err:
-            raise EvaluationError(f"dataset {dataset_name}: {err}") from err
+        except (ValueError, FileNotFoundError) as err:  # the message names the file (and row)
+            option = "--dataset" if args.dataset is not None else f"--run-held-out (the run's data {dataset_name})"
+            raise EvaluationError(f"{option}: {err}") from err
         tokenized = tokenize_preference_dataset(dataset, tokenizer, max_prompt_length=settings["max_prompt_length"],
-                                                max_length=settings["max_length"])
+                                                max_length=settings["max_length"], progress=progress)
         if args.run_held_out and not held_out_file:
             tokenized = run_held_out_rows(settings["config"], tokenized, str(dataset_name))
             logger.info("--run-held-out: %d rows of %s held out by the run", len(tokenized), dataset_name)
@@ -401,7 +402,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             policy, get_reference() if settings["reward_type"] == "dpo" else None, tokenized,
             beta=settings["beta"], reward_type=settings["reward_type"], batch_size=args.batch_size,
             progress=progress)
-        summary["truncated_rows"] = tokenized.report.rows_truncated
+        summary["truncated_rows"] = count_truncated_rows(tokenized.rows, tokenized.kind)  # of the evaluated rows
         result.update({"dataset": str(dataset_name), "held_out_of_run": bool(args.run_held_out)}, **summary)
         if args.per_example_output:
             _write_jsonl(args.per_example_output, records)
@@ -482,8 +483,8 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "rpo-eval") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     _check_args(parser, args)
     if not logging.getLogger().handlers:

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from rpo.data import collate_preference_batch
+from rpo.models.logprobs import response_token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,11 @@ def sequence_logprobs(
             padded = collate_preference_batch([sequences[i] for i in batch], [], batch, None, paired=False,
                                               pad_token_id=pad_token_id)
             input_ids, attention_mask, loss_mask = padded["input_ids"], padded["attention_mask"], padded["loss_mask"]
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            # Token t is predicted by position t-1; logsumexp + gather avoids a second vocabulary-sized tensor.
-            logits = logits[:, :-1].float()
-            targets = input_ids[:, 1:].to(device)
-            token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-            scored = loss_mask[:, 1:].to(device)
-            batch_sums = (token_logps.double() * scored).sum(-1).cpu()
-            batch_lengths = scored.sum(-1).cpu()
+            input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device)).logits
+            token_logps = response_token_logprobs(logits, input_ids, loss_mask)
+            batch_sums = token_logps.double().sum(-1).cpu()
+            batch_lengths = loss_mask[:, 1:].sum(-1).cpu()  # the first token is never scored
             for row, i in enumerate(batch):
                 sums[i] = batch_sums[row]
                 lengths[i] = batch_lengths[row]

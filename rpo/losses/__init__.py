@@ -1,5 +1,5 @@
 """Preference losses by name: built-ins (dpo, ipo, simpo, kto, sft, rpo, rpo-z, simpo-rpo), user plugins and
-weighted combinations. See README.md (section "Losses").
+weighted combinations. See docs/losses.md.
 
     from rpo.losses import build_loss
     loss = build_loss("rpo+0.2*sft", beta=0.1)
@@ -7,12 +7,12 @@ weighted combinations. See README.md (section "Losses").
     out.loss.backward(); out.metrics["rewards/accuracies"]
 """
 from rpo.losses.base import (BATCH_KEYWORDS, REFERENCE_KEYWORDS, LossConfigError, LossInputError, LossOutput,
-                             reward_metrics)
+                             PreferenceLoss, reward_metrics)
 from rpo.losses.registry import Loss, available_losses, build_loss, register_loss
 
 # Importing the built-in modules registers their losses.
-from rpo.losses import preference  # noqa: E402,F401  isort:skip
-from rpo.losses import contrast  # noqa: E402,F401  isort:skip
+from rpo.losses import separable  # noqa: E402,F401  isort:skip
+from rpo.losses import contrast_matrix  # noqa: E402,F401  isort:skip
 
 __all__ = [
     "BATCH_KEYWORDS",
@@ -21,6 +21,7 @@ __all__ = [
     "LossConfigError",
     "LossInputError",
     "LossOutput",
+    "PreferenceLoss",
     "available_losses",
     "build_loss",
     "register_loss",

@@ -1,4 +1,5 @@
-"""What every loss shares: the batch keywords, `LossOutput`, option checks and the reward metrics.
+"""What every loss shares: the batch keywords, `LossOutput`, option checks, the reward metrics and
+`PreferenceLoss`, the base of the built-in preference losses.
 
 Losses work on per-sequence log-probs, never on logits: `policy_chosen_logps[i]` is the SUM of the token
 log-probs of chosen completion i (prompt tokens excluded), `chosen_lengths[i]` its number of tokens.
@@ -20,8 +21,8 @@ REFERENCE_KEYWORDS = frozenset({"reference_chosen_logps", "reference_rejected_lo
 LENGTH_KEYWORDS = frozenset({"chosen_lengths", "rejected_lengths"})
 EMBEDDING_KEYWORDS = frozenset({"chosen_embeddings", "rejected_embeddings"})
 
-POLICY_AND_REFERENCE = frozenset({"policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
-                                  "reference_rejected_logps"})
+POLICY_KEYWORDS = frozenset({"policy_chosen_logps", "policy_rejected_logps"})
+POLICY_AND_REFERENCE = POLICY_KEYWORDS | {"reference_chosen_logps", "reference_rejected_logps"}
 
 
 class LossConfigError(ValueError):
@@ -39,15 +40,21 @@ MetricValue = Union[torch.Tensor, float, int]
 class LossOutput:
     """What a loss returns.
 
-    loss:    0-dim floating tensor (differentiable).
-    metrics: name -> 0-dim tensor (detached) or Python number. Each metric is a MEAN over the local batch, so the
-             trainer may average it over data-parallel ranks. Built losses (`build_loss`) convert every value to a
-             detached 0-dim float32 tensor on the loss's device, so the trainer can stack and all-reduce them in
-             one collective and call `.item()` only when it logs.
+    loss:        0-dim floating tensor (differentiable).
+    metrics:     name -> 0-dim tensor (detached) or Python number. A metric is a mean over the local batch, or
+                 over the global batch (the same value on every rank) for the contrast/* metrics of a global
+                 contrast; either way the trainer may average it over data-parallel ranks. Built losses
+                 (`build_loss`) convert every value to a detached 0-dim float32 tensor on the loss's device, so
+                 the trainer can stack and all-reduce them in one collective and call `.item()` only when it logs.
+    global_loss: the part of `loss` that is a quantity of the global batch (the same on every rank of the
+                 process group: a contrast over the group), or None when nothing is global. `loss - global_loss`
+                 is then the separable part, a mean over this rank's rows. For "rpo+0.2*sft" over a group it is
+                 rpo's loss (times its weight).
     """
 
     loss: torch.Tensor
     metrics: Dict[str, MetricValue] = dataclasses.field(default_factory=dict)
+    global_loss: Optional[torch.Tensor] = None
 
 
 # --- option checks (factories call these; the messages name the loss and the option) -----------------------------
@@ -119,3 +126,55 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
         if rejected_logps is not None:
             metrics["logps/rejected"] = _mean(rejected_logps.detach().float())
     return metrics
+
+
+# --- the shared base of the built-in losses ----------------------------------------------------------------------
+
+class PreferenceLoss:
+    """Base of the built-in preference losses: the work every loss shares, done once here.
+
+    From the batch the base takes the implicit-reward scores of every answer — the log-ratios
+    ρ = log π_θ − log π_ref, or the per-token policy log-probs log π/|y| for a reference-free loss (SimPO), or the
+    per-token log-ratios ρ/|y| — and, after the loss, the reward metrics of the rewards β·score. A loss only
+    supplies `score_loss(chosen, rejected, batch)`: its `LossOutput` from those scores (extra metrics and, for a
+    global contrast, `global_loss` included).
+
+    Class attributes a loss may set: `name`; `couples_rows` (the loss couples rows of the batch, see
+    `rpo.losses.Loss`); `reward_accuracies` (False: no rewards/accuracies, e.g. KTO, whose answers need not be
+    pairs). `is_global` (set by a loss contrasting over a process group).
+    """
+
+    name = "preference"
+    couples_rows = False
+    is_global = False
+    reward_accuracies = True
+
+    def _set_scores(self, beta: float, *, reference_free: bool = False, per_token: bool = False) -> None:
+        """Options shared by every loss: β and which scores it works on; sets `requires` and `optional`."""
+        check_positive(self.name, "beta", beta)
+        self.beta, self.reference_free, self.per_token = beta, reference_free, per_token
+        self.requires = (POLICY_KEYWORDS if reference_free else POLICY_AND_REFERENCE) | (
+            LENGTH_KEYWORDS if per_token else frozenset())
+        self.optional = frozenset()
+
+    def implicit_scores(self, batch) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(chosen scores [M], rejected scores [N]): ρ, ρ/|y| or log π/|y| (see the class docstring)."""
+        chosen, rejected = batch["policy_chosen_logps"], batch["policy_rejected_logps"]
+        if not self.reference_free:
+            chosen = chosen - batch["reference_chosen_logps"]
+            rejected = rejected - batch["reference_rejected_logps"]
+        if self.per_token:
+            chosen = per_token(chosen, batch["chosen_lengths"])
+            rejected = per_token(rejected, batch["rejected_lengths"])
+        return chosen, rejected
+
+    def score_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, batch) -> LossOutput:
+        raise NotImplementedError
+
+    def __call__(self, **batch) -> LossOutput:
+        chosen, rejected = self.implicit_scores(batch)
+        scored = self.score_loss(chosen, rejected, batch)
+        metrics = reward_metrics(self.beta * chosen, self.beta * rejected, batch["policy_chosen_logps"],
+                                 batch["policy_rejected_logps"], accuracies=self.reward_accuracies)
+        metrics.update(scored.metrics)
+        return LossOutput(scored.loss, metrics, scored.global_loss)

@@ -72,18 +72,22 @@ class WeightedSum:
         self.terms = tuple(terms)
         self.requires = frozenset().union(*(loss.requires for _, _, loss in self.terms))
         self.optional = frozenset().union(*(loss.optional for _, _, loss in self.terms)) - self.requires
-        self.batch_coupled = any(loss.batch_coupled for _, _, loss in self.terms)
+        self.couples_rows = any(loss.couples_rows for _, _, loss in self.terms)
+        self.is_global = any(loss.is_global for _, _, loss in self.terms)
 
     def __call__(self, **batch: Any) -> LossOutput:
-        total = None
+        total = global_total = None
         metrics: Dict[str, torch.Tensor] = {}
         for name, weight, loss in self.terms:
             output = loss._evaluate(batch)  # the combined Loss already checked the batch once
             total = weight * output.loss if total is None else total + weight * output.loss
+            if output.global_loss is not None:
+                weighted = weight * output.global_loss
+                global_total = weighted if global_total is None else global_total + weighted
             metrics[f"loss/{name}"] = output.loss.detach()
             for key, value in output.metrics.items():
                 metrics[key if key not in metrics else f"{name}/{key}"] = value
-        return LossOutput(loss=total, metrics=metrics)
+        return LossOutput(loss=total, metrics=metrics, global_loss=global_total)
 
 
 def _spec_text(terms: Sequence[Tuple[str, float, Any]]) -> str:

@@ -41,7 +41,7 @@ _MODULE_SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr
 class _Entry:
     name: str
     factory: Callable[..., Any]
-    batch_coupled: Optional[bool]  # the register_loss default; the loss callable's own attribute wins
+    couples_rows: Optional[bool]  # the register_loss default; the loss callable's own attribute wins
 
     @property
     def origin(self) -> str:
@@ -64,13 +64,14 @@ _PLUGIN_FILES: Dict[Path, Tuple[Any, Tuple[str, ...]]] = {}  # resolved path -> 
 
 # --- registration ------------------------------------------------------------------------------------------------
 
-def register_loss(name: str, *, batch_coupled: Optional[bool] = None, override: bool = False):
+def register_loss(name: str, *, couples_rows: Optional[bool] = None, override: bool = False):
     """Decorator registering a loss factory under `name`.
 
     The factory (function or class) is called with the loss's options and returns a callable that takes the batch
-    keywords and returns a `LossOutput`. The callable may declare `requires` / `optional` (batch keyword names) and
-    `batch_coupled` attributes; without them `requires` / `optional` are read from its keyword parameters (without /
-    with a default) and `batch_coupled` is this decorator's argument (default False).
+    keywords and returns a `LossOutput`. The callable may declare `requires` / `optional` (batch keyword names),
+    `couples_rows` and `is_global` attributes; without them `requires` / `optional` are read from its keyword
+    parameters (without / with a default), `couples_rows` is this decorator's argument (default False) and
+    `is_global` is False.
 
     Registering a different factory under a taken name raises unless `override=True`; re-registering the same
     factory (same qualified name in the same source file, e.g. on a reload, or a plugin file that was also
@@ -83,7 +84,7 @@ def register_loss(name: str, *, batch_coupled: Optional[bool] = None, override: 
     def decorator(factory):
         if not callable(factory):
             raise LossConfigError(f"register_loss({name!r}) decorates a function or class, got {factory!r}")
-        entry = _Entry(name, factory, batch_coupled)
+        entry = _Entry(name, factory, couples_rows)
         existing = _REGISTRY.get(name)
         if existing is not None and existing.identity != entry.identity and not override:
             raise LossConfigError(f"loss name {name!r} is already registered by {existing.origin}; choose another "
@@ -304,33 +305,48 @@ def _normalise_output(loss: str, output: Any) -> LossOutput:
         else:
             raise LossInputError(f"loss {loss!r}: metric {key!r} must be a number or a 0-dim tensor, got "
                                  f"{type(metric).__name__}")
-    return LossOutput(loss=value, metrics=metrics)
+    global_loss = output.global_loss
+    if global_loss is not None and not (isinstance(global_loss, torch.Tensor) and global_loss.dim() == 0
+                                        and global_loss.is_floating_point()):
+        shape = tuple(global_loss.shape) if isinstance(global_loss, torch.Tensor) else type(global_loss).__name__
+        raise LossInputError(f"loss {loss!r}: LossOutput.global_loss must be None or a 0-dim floating-point "
+                             f"tensor, got {shape}")
+    return LossOutput(loss=value, metrics=metrics, global_loss=global_loss)
 
 
 class Loss:
     """A built loss: call it with the batch keywords; returns a `LossOutput` with float32 0-dim metrics.
 
-    Attributes the trainer reads:
-      name            how it was asked for ("rpo", "rpo+0.2*sft", "my_pkg.losses:my_loss", ...)
-      options         every option, the factory's defaults included
-      requires        batch keywords it needs (a missing one raises `LossInputError` naming it)
-      optional        batch keywords it uses when given (e.g. KTO's kl_* log-probs, process_group)
-      batch_coupled   True when the loss couples rows of the batch (contrast losses): the trainer must then use
-                      the global two-pass path to contrast across micro-batches / ranks
-      needs_reference True when it needs reference-model log-probs
-      terms           for a combination, its (name, weight, Loss) terms
+    What the trainer reads (it never looks inside a loss):
+      name             how it was asked for ("rpo", "rpo+0.2*sft", "my_pkg.losses:my_loss", ...)
+      options          every option, the factory's defaults included
+      requires         batch keywords it needs (a missing one raises `LossInputError` naming it)
+      optional         batch keywords it uses when given (e.g. KTO's kl_* log-probs, process_group)
+      couples_rows     True when the loss couples rows of the batch (a contrast matrix: each chosen answer meets
+                       the rejected answers of other prompts), so it is not a sum of per-micro-batch losses: the
+                       trainer must score all micro-batches first (rpo.distributed.TwoPassContrast)
+      is_global        True when it contrasts over the process group passed as `process_group` (also for a
+                       combination with such a term); its `LossOutput.global_loss` is then the global part
+      needs_reference  True when it needs reference-model log-probs
+      needs_embeddings True when it needs the prompt embeddings (chosen_embeddings, rejected_embeddings)
+      terms            for a combination, its (name, weight, Loss) terms
     """
 
     terms: Tuple[Tuple[str, float, "Loss"], ...] = ()  # (name, weight, loss) of a combination, else empty
 
     def __init__(self, name: str, fn: Callable[..., LossOutput], options: Mapping[str, Any],
-                 default_batch_coupled: Optional[bool] = None):
+                 default_couples_rows: Optional[bool] = None):
         self.name = name
         self.options = dict(options)
         self._fn = fn
         self.requires, self.optional, self._passed = _declared_keywords(name, fn)
-        coupled = getattr(fn, "batch_coupled", None)
-        self.batch_coupled = bool(default_batch_coupled if coupled is None else coupled)
+        couples = getattr(fn, "couples_rows", None)
+        self.couples_rows = bool(default_couples_rows if couples is None else couples)
+        self.is_global = bool(getattr(fn, "is_global", False))
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return bool(self.requires & EMBEDDING_KEYWORDS)
 
     @property
     def needs_reference(self) -> bool:
@@ -458,7 +474,7 @@ def instantiate(entry: _Entry, options: Mapping[str, Any]) -> Loss:
         raise LossConfigError(f"loss {entry.name!r}: {error}") from error
     if not callable(fn):
         raise LossConfigError(f"loss {entry.name!r}: its factory returned {type(fn).__name__}, not a callable")
-    return Loss(entry.name, fn, all_options, entry.batch_coupled)
+    return Loss(entry.name, fn, all_options, entry.couples_rows)
 
 
 def build_loss(spec: Union[str, Sequence[Any]], **options: Any) -> Loss:

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rpo.models import cpu_compat
-
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +40,7 @@ class GPTModelInfo:
     dtype: torch.dtype
     hf_config: Any
     vocab_divisible_by: int
+    recompute: str = "none"  # activation recomputation in training mode, see recompute_settings
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
@@ -108,12 +108,30 @@ def head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def recompute_settings(recompute: str) -> dict:
+    """megatron-core's own activation-recomputation fields of TransformerConfig for `recompute`.
+
+    none: every layer's activations are kept for backward. selective: the core attention (QKᵀ, softmax, ·V:
+    the activations that grow with T²) of every layer is recomputed in backward. full: only each layer's input is
+    kept and the whole layer is recomputed ("uniform" method, one layer per recomputed unit). Megatron applies
+    both in training mode only (model.train()); eval-mode forwards keep nothing anyway.
+    """
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise ValueError(f"recompute {recompute!r} is not one of {RECOMPUTE_MODES}")
+
+
 def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = torch.float32,
-                               use_te: bool = False, initialize: bool = True):
-    """megatron-core TransformerConfig equivalent to an HF LLaMA/Mistral config."""
+                               use_te: bool = False, initialize: bool = True, recompute: str = "none"):
+    """megatron-core TransformerConfig equivalent to an HF LLaMA/Mistral config (+ activation recomputation)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     _check_hf_config(hf_config)
+    recompute_fields = recompute_settings(recompute)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     heads = hf_config.num_attention_heads
@@ -161,15 +179,18 @@ def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = tor
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **recompute_fields,
     )
 
 
 def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = torch.float32,
-                    vocab_divisible_by: int = 128, use_te: bool | None = None, initialize: bool = True):
+                    vocab_divisible_by: int = 128, use_te: bool | None = None, initialize: bool = True,
+                    recompute: str = "none"):
     """Build this rank's shard of a GPTModel for `hf_config` (parallel state must be initialised).
 
     `initialize=False` skips megatron's random init (weights are about to be loaded). `use_te=None` picks
-    Transformer Engine's layer spec when it is importable, else the local spec.
+    Transformer Engine's layer spec when it is importable, else the local spec. `recompute`: activation
+    recomputation, one of RECOMPUTE_MODES (see recompute_settings).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -178,7 +199,6 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    cpu_compat.apply()
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is not initialised: call rpo.models.init_parallel(tp_size)")
     current_tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -193,7 +213,7 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     # Transformer Engine layers are always initialised: skipping init is only verified for the local layers
     # (see _mark_tensor_parallel).
     config = transformer_config_from_hf(hf_config, tp_size, dtype, use_te=use_te,
-                                        initialize=initialize or use_te)
+                                        initialize=initialize or use_te, recompute=recompute)
     if use_te:
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
@@ -219,6 +239,7 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     model.rpo_info = GPTModelInfo(
         vocab_size=vocab, padded_vocab_size=padded, sliding_window=hf_sliding_window(hf_config),
         uses_te=use_te, tp_size=tp_size, dtype=dtype, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by,
+        recompute=recompute,
     )
     return model
 
@@ -314,7 +335,16 @@ def forward_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.
         mask = None  # TE's causal (and sliding-window) attention builds its own mask
     else:
         mask = attention_mask_for(attention_mask, info.sliding_window)
-    with _hidden_states_only(gpt):
+    return hidden_states_with_mask(model, input_ids, position_ids, mask)
+
+
+def hidden_states_with_mask(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """Final hidden states [T, R, hidden] for an explicit megatron attention mask [R, 1, T, T] (True = masked).
+
+    The mask replaces the causal one, so it must contain it (rpo.models.packing builds block-diagonal ones).
+    """
+    with _hidden_states_only(unwrap(model)):
         return model(input_ids, position_ids, mask)
 
 

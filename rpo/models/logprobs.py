@@ -14,7 +14,7 @@ Padded vocabulary columns are set to the float32 minimum before the softmax, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -86,6 +86,28 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, v
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
 
+def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from full-vocabulary logits [..., V] (one process holds the whole vocabulary); float32.
+
+    logsumexp + gather: no second vocabulary-sized tensor (log_softmax would make one).
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def response_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                            token_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                            = token_logprobs_from_logits) -> torch.Tensor:
+    """[R, T] float32: log p(input_ids[r, t] | input_ids[r, <t]) where loss_mask[r, t], else 0 (always 0 at t = 0).
+
+    `logits` [R, T, V'] come from one forward of input_ids: position t − 1 predicts token t. `token_logprobs`
+    maps (logits, targets) to log p(target): the full-vocabulary version by default, or
+    `vocab_parallel_token_logprobs` for a tensor-parallel shard of the vocabulary.
+    """
+    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return torch.cat([logp.new_zeros(logp.shape[0], 1), logp], dim=1) * loss_mask
+
+
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, output_layer, weight, vocab_size: int):
     # output_layer (ColumnParallelLinear) wants [s, b, h]; one "batch" column of n selected positions.
     logits, _ = output_layer(hidden.unsqueeze(1), weight=weight)
@@ -149,8 +171,9 @@ def sequence_logprobs_full_logits(model, batch: Mapping[str, torch.Tensor]) -> S
     info = gpt_lib.model_info(model)
     input_ids, attention_mask, loss_mask = (_on_device(model, t) for t in validate_batch(batch, info.vocab_size))
     logits = gpt_lib.full_logits(model, input_ids, attention_mask)
-    logp = vocab_parallel_token_logprobs(logits[:, :-1], input_ids[:, 1:], info.vocab_size)
-    per_token = torch.cat([logp.new_zeros(logp.shape[0], 1), logp], dim=1) * loss_mask
+    per_token = response_token_logprobs(
+        logits, input_ids, loss_mask,
+        lambda shard, targets: vocab_parallel_token_logprobs(shard, targets, info.vocab_size))
     return SequenceLogProbs(sums=per_token.sum(dim=1), counts=loss_mask.sum(dim=1), token_logprobs=per_token)
 
 

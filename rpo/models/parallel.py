@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rpo.models import cpu_compat
+from rpo.compat import megatron_cpu
 
 _owns_process_group = False
 
@@ -30,7 +30,8 @@ class ParallelInfo:
     dp_rank: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +50,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
     _owns_process_group = True
 
@@ -59,7 +60,7 @@ def set_seed(seed: int) -> None:
 
     Megatron's convention: the default generator gets `seed` on every rank; the tracker's "model-parallel-rng"
     gets `seed + 2718 + tp_rank` (dropout inside TP regions, TP layer init). On CPU the tracker follows the CPU
-    generator (see cpu_compat).
+    generator (see rpo.compat.megatron_cpu).
     """
     from megatron.core import tensor_parallel
 
@@ -77,7 +78,9 @@ def init_parallel(tp_size: int = 1, seed: int = 1234, backend: str | None = None
     """
     from megatron.core import parallel_state
 
-    cpu_compat.apply()
+    # The one place megatron-core's CUDA assumptions are redirected (a no-op with CUDA): every rpo use of
+    # megatron-core starts here.
+    megatron_cpu.apply()
     if not torch.cuda.is_available():
         # Denormals make CPU matmuls orders of magnitude slower on near-zero gradients (house rule).
         torch.set_flush_denormal(True)

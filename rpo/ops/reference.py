@@ -1,13 +1,13 @@
 """Pure-PyTorch implementations of the contrast loss.
 
-* `pair_weights`, `contrast_loss_matrix`, `contrast_loss_terms`: the semantics of the native op
-  (`torch.ops.rpo.contrast_loss_terms`), materialising the M × N matrix. `rpo.ops` falls back to them (with a
+* `pair_weights`, `contrast_loss_matrix`, `contrast_loss_and_grads`: the semantics of the native op
+  (`torch.ops.rpo.contrast_loss_and_grads`), materialising the M × N matrix. `rpo.ops` falls back to them (with a
   one-time warning) when the compiled extension is missing; fine for small batches, O(M·N) memory.
-* `listing1_contrast_loss`: the authors' eager style (full distance, weight and logit matrices built with plain
+* `authors_contrast_loss`: the authors' eager style (Listing 1 of the paper) (full distance, weight and logit matrices built with plain
   torch ops, gradients by autograd, row-normalised weights inside the sigmoid). It is the baseline of
   benchmarks/contrast_loss.py.
 
-Arguments are assumed valid here; `rpo.ops.contrast` validates them.
+Arguments are assumed valid here; `rpo.ops.check_contrast_inputs` checks them.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def contrast_loss_matrix(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
     return -F.logsigmoid(logits)
 
 
-def contrast_loss_terms(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+def contrast_loss_and_grads(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
                         chosen_embeddings: Optional[torch.Tensor], rejected_embeddings: Optional[torch.Tensor], *,
                         beta: float, margin: float, tau: float, alpha: float, weighting: str,
                         weight_normalization: str, diag_offset: int = 0, loss_scale: float,
@@ -113,9 +113,9 @@ def contrast_loss_terms(chosen_scores: torch.Tensor, rejected_scores: torch.Tens
     return loss.detach().to(dtype), grad_a, grad_b
 
 
-def listing1_contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
-                           chosen_embeddings: torch.Tensor, rejected_embeddings: torch.Tensor, *, beta: float,
-                           tau: float = 0.5) -> torch.Tensor:
+def authors_contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                          chosen_embeddings: torch.Tensor, rejected_embeddings: torch.Tensor, *, beta: float,
+                          tau: float = 0.5) -> torch.Tensor:
     """The authors' eager RPO loss (embedding weighting, row normalisation), in their style.
 
     Builds the full M × N cosine-distance, weight and logit matrices with plain torch ops; autograd keeps

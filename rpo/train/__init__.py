@@ -1,15 +1,18 @@
-"""The Megatron-core trainer: `Trainer(TrainConfig(...)).fit()` (see README.md (section "Training with Megatron-core"))."""
+"""The Megatron-core trainer: `Trainer(TrainConfig(...)).fit()` (see docs/training.md); the command: rpo.train.cli."""
+from rpo.train.callbacks import Callback
 from rpo.train.config import ConfigError, TrainConfig
 
 __all__ = ["Callback", "ConfigError", "TrainConfig", "Trainer", "configure_logging"]
 
-_LAZY = ("Callback", "Trainer", "configure_logging")
-
 
 def __getattr__(name):
     # The trainer imports megatron-core and torch.distributed; keep `import rpo.train` (config, --help) light.
-    if name in _LAZY:
-        from rpo.train import trainer
+    if name == "Trainer":
+        from rpo.train.trainer import Trainer
 
-        return getattr(trainer, name)
+        return Trainer
+    if name == "configure_logging":
+        from rpo.train.cli import configure_logging
+
+        return configure_logging
     raise AttributeError(f"module 'rpo.train' has no attribute {name!r}")

@@ -5,7 +5,8 @@ Layout of ``<output-dir>/checkpoints/step-00000120/`` (a shared filesystem acros
     trainer.json                    step, scheduler, topology, config (global rank 0)
     model-tp00.safetensors          this tensor-parallel rank's parameters (data-parallel rank 0 of each TP rank;
                                     DP replicas hold identical weights and optimiser state)
-    optimizer-tp00.safetensors/.json  the optimiser state (tensors / the rest of the nested state)
+    optimizer-tp00.safetensors/.json  the optimiser state (tensors / the rest of the nested state); with the
+                                    distributed optimizer one shard per data-parallel rank: optimizer-tp00-dp00
     rank-00000.safetensors/.json    per-rank RNG states and data position
 
 Everything is written into ``.tmp-step-00000120`` first and renamed once every rank has finished (a rename is
@@ -140,9 +141,11 @@ def _barrier() -> None:
 
 
 def save_checkpoint(root: Path, step: int, *, trainer_state: Dict[str, Any], model_state: Optional[Dict[str, Any]],
-                    optimizer_state: Any, rank_state: Dict[str, Any], tp_rank: int, keep: int = 0) -> Path:
+                    optimizer_state: Any, rank_state: Dict[str, Any], tp_rank: int, keep: int = 0,
+                    dp_rank: Optional[int] = None) -> Path:
     """Collective: every rank calls it. Ranks that hold a unique copy pass model_state/optimizer_state (others
-    None); every rank passes its own rank_state; global rank 0's trainer_state is written."""
+    None); every rank passes its own rank_state; global rank 0's trainer_state is written. `dp_rank`: the
+    optimizer state is this data-parallel rank's shard (the distributed optimizer: every rank passes its own)."""
     root = Path(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -155,7 +158,7 @@ def save_checkpoint(root: Path, step: int, *, trainer_state: Dict[str, Any], mod
         save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()},
                   str(tmp / f"model-tp{tp_rank:02d}.safetensors"))
     if optimizer_state is not None:
-        save_nested(optimizer_state, tmp / f"optimizer-tp{tp_rank:02d}")
+        save_nested(optimizer_state, tmp / _optimizer_stem(tp_rank, dp_rank))
     save_nested(rank_state, tmp / f"rank-{_rank():05d}")
     _barrier()
     if _rank() == 0:
@@ -219,8 +222,13 @@ def load_model_state(path: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
     return load_file(str(Path(path) / f"model-tp{tp_rank:02d}.safetensors"))
 
 
-def load_optimizer_state(path: Path, tp_rank: int) -> Any:
-    return load_nested(Path(path) / f"optimizer-tp{tp_rank:02d}")
+def _optimizer_stem(tp_rank: int, dp_rank: Optional[int]) -> str:
+    return f"optimizer-tp{tp_rank:02d}" + ("" if dp_rank is None else f"-dp{dp_rank:02d}")
+
+
+def load_optimizer_state(path: Path, tp_rank: int, dp_rank: Optional[int] = None) -> Any:
+    """The optimizer state of a TP rank, or (`dp_rank` given) its data-parallel shard."""
+    return load_nested(Path(path) / _optimizer_stem(tp_rank, dp_rank))
 
 
 def load_rank_state(path: Path, rank: int) -> Dict[str, Any]:

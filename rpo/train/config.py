@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ def _opt(default, help, *, group, choices=None, minimum=None, exclusive_minimum=
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
+
+def default_dataset_path() -> Path:
+    """The embedded default data: ../shared/data/paired.jsonl beside the repository."""
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paired.jsonl"
+
+
+# The prompt-similarity temperature for unpaired data when --tau is not given (the paper's suggestion; paired data
+# keeps the loss's own default, 0.5).
+UNPAIRED_TAU = 0.75
 
 # Options forwarded to rpo.losses.build_loss when set (None = the loss's own default). Kept in one place so the
 # trainer and the docs agree on which config fields are loss options.
@@ -93,7 +103,7 @@ class TrainConfig:
         None, "Reward scale beta (loss default: 0.1, the paper's, for dpo/ipo/kto/rpo; 2.0 for simpo).",
         group="loss", exclusive_minimum=0.0)
     tau: Optional[float] = _opt(
-        None, "Temperature of the prompt-similarity weights (loss default: 0.5 paired, 0.75 suggested unpaired).",
+        None, "Temperature of the prompt-similarity weights (default: 0.5 for paired data, 0.75 for unpaired).",
         group="loss", exclusive_minimum=0.0)
     alpha: Optional[float] = _opt(None, "Diagonal emphasis for --weighting diagonal (loss default 0.8).",
                                   group="loss", minimum=0.0, maximum=1.0)
@@ -151,6 +161,34 @@ class TrainConfig:
     seed: int = _opt(42, "Seed of data order, initialisation and dropout (runs with the same seed and topology "
                      "are bit-identical).", group="optimisation", minimum=0)
 
+    # --- scale (memory and throughput for large models; checked together in rpo.train.scale) ------------------
+    recompute: str = _opt(
+        "none", "Activation recomputation of the policy in backward (megatron-core's): selective = each layer's "
+        "core attention, full = whole layers (only each layer's input is kept).", group="scale",
+        choices=("none", "selective", "full"))
+    packing: bool = _opt(
+        False, "Pack the sequences of a micro-batch into rows of up to --pack-length tokens (block-diagonal causal "
+        "mask, padding-free forward; the log-probs equal the unpacked ones). Policy and reference.", group="scale")
+    pack_length: Optional[int] = _opt(
+        None, "Longest packed row with --packing (default: --max-length; at least --max-length).", group="scale",
+        minimum=2)
+    distributed_optimizer: bool = _opt(
+        False, "Shard the optimiser state and fp32 master weights over the data-parallel group (megatron-core's "
+        "DistributedOptimizer; --optimizer adamw only).", group="scale")
+    sequence_parallel: bool = _opt(
+        False, "Megatron sequence parallelism (norms and residuals split along the sequence over the "
+        "tensor-parallel group; needs --tensor-parallel > 1): estimated by --plan, not yet supported in training.",
+        group="scale")
+    plan: bool = _opt(
+        False, "Print the estimated per-GPU memory of this run (rpo.models.memory_plan) and exit without "
+        "training.", group="scale")
+    plan_gpus: Optional[int] = _opt(
+        None, "GPUs of the run that --plan estimates (default: the processes of this launch).", group="scale",
+        minimum=1)
+    gpu_memory_gb: Optional[float] = _opt(
+        None, "GPU memory in GiB that --plan checks the run against (says whether it fits).", group="scale",
+        exclusive_minimum=0.0)
+
     # --- output ------------------------------------------------------------------------------------------------
     output_dir: str = _opt("runs/train", "Run folder: config.yaml, metrics.jsonl, curves.png, checkpoints/, "
                            "final/.", group="output")
@@ -169,8 +207,16 @@ class TrainConfig:
         cli_const="latest", metavar="CHECKPOINT")
     save_final: bool = _opt(True, "Save the trained policy to <output-dir>/final in Hugging Face format.",
                             group="output")
-    progress_bar: bool = _opt(True, "Show a tqdm progress bar on rank 0 (one-line logs otherwise).",
-                              group="output")
+    overwrite: bool = _opt(
+        False, "Replace a previous run in --output-dir (its checkpoints/, final/, metrics.jsonl, ... are removed). "
+        "Without it (or --resume) a used --output-dir is refused.", group="output")
+    progress_bar: bool = _opt(True, "Show tqdm progress bars on rank 0 (otherwise log lines, at least every 30 s "
+                              "in a long stage).", group="output")
+    report_to: str = _opt("none", "Also send the metrics.jsonl numbers to TensorBoard (event files in "
+                          "<output-dir>/tensorboard) or Weights & Biases (the wandb package; WANDB_MODE=offline "
+                          "honoured).", group="output", choices=("none", "tensorboard", "wandb"))
+    debug: bool = _opt(False, "Show the full traceback of an error (also with RPO_DEBUG=1); otherwise one line.",
+                       group="output")
 
     def __post_init__(self):
         self.validate()
@@ -197,6 +243,8 @@ class TrainConfig:
         for key in self.loss_options:
             if key in LOSS_OPTION_FIELDS:
                 raise ConfigError(f"--loss-option {key}=...: use --{key.replace('_', '-')} instead")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
         return self
 
     def batch_layout(self, data_parallel_size: int) -> int:
@@ -208,11 +256,14 @@ class TrainConfig:
                 f"({self.micro_batch_size}) x data-parallel size ({data_parallel_size})")
         return self.global_batch_size // per_step
 
-    def loss_build_options(self) -> Dict[str, Any]:
-        """The loss options the user set (None fields are left to the loss's defaults)."""
+    def loss_build_options(self, paired: bool = True) -> Dict[str, Any]:
+        """The loss options the user set (None fields are left to the loss's defaults). `paired=False` (unpaired
+        data, for a loss that takes a tau) adds tau = UNPAIRED_TAU unless --tau was given."""
         options = {name: getattr(self, name) for name in LOSS_OPTION_FIELDS if getattr(self, name) is not None}
         if not self.global_contrast:
             options.pop("global_contrast")
+        if not paired and self.tau is None:
+            options["tau"] = UNPAIRED_TAU
         options.update(self.loss_options)
         return options
 
@@ -233,7 +284,9 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
-        return cls.from_dict(_load_yaml(path), source=str(path))
+        values = _normalise_keys(_load_yaml(path), str(path))
+        _check_file_values(values, str(path))
+        return cls(**values)
 
     # --- command line -----------------------------------------------------------------------------------------
     @classmethod
@@ -285,6 +338,8 @@ class TrainConfig:
                 merged = dict(values.get("loss_options") or {})
                 merged.update(_parse_key_values(args.pop("loss_options")))
                 values["loss_options"] = merged
+            if config_path is not None:
+                _check_file_values(values, config_path)
             values.update(args)
             return cls.from_dict(values, source=config_path or "command line")
         except ConfigError as err:
@@ -354,9 +409,24 @@ def _normalise_keys(values: Dict[str, Any], source) -> Dict[str, Any]:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ConfigError(f"{source}: unknown option '{key}'; valid options: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = (f"did you mean {' or '.join(repr(c.replace('_', '-')) for c in close)}?" if close else
+                    "see --help for the options")
+            raise ConfigError(f"{source}: unknown option '{key}'; {hint}")
         out[name] = value
     return out
+
+
+def _check_file_values(values: Dict[str, Any], source) -> None:
+    """Check each value of a config file on its own, so that a bad one names the file (option combinations are
+    checked once the command line is merged in)."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, value in values.items():
+        try:
+            _check_value(fields[name], hints[name], value)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
 
 def _load_yaml(path) -> Dict[str, Any]:

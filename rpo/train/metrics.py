@@ -138,15 +138,19 @@ def plot_curves(metrics_path: Union[str, Path], png_path: Union[str, Path]) -> P
     return png_path
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m rpo.train.metrics RUN_DIR   (redraws RUN_DIR/curves.png)")
-    run = Path(argv[0])
-    if not (run / "metrics.jsonl").exists():
-        raise SystemExit(f"{run / 'metrics.jsonl'} not found")
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rpo.train.metrics",
+                                     description="Redraw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl (e.g. while "
+                                     "the run is still going).")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run folder (the trainer's --output-dir)")
+    run = parser.parse_args(argv).run_dir
+    if not (run / "metrics.jsonl").is_file():
+        parser.error(f"{run / 'metrics.jsonl'} not found: RUN_DIR must be a run folder (the trainer's --output-dir)")
     print(plot_curves(run / "metrics.jsonl", run / "curves.png"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

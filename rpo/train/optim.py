@@ -2,8 +2,10 @@
 
 A torch optimiser (RMSprop, the paper's; AdamW; SGD) wrapped by megatron-core's `FP32Optimizer` (float32 runs) or
 `Float16OptimizerWithFloat16Params` (bfloat16 runs: the wrapper keeps fp32 master weights, steps them with the fp32
-`main_grad` that DDP accumulates, and copies back to the bf16 model). Megatron-core computes the global gradient
-norm the model-parallel way (tensor-parallel duplicates such as norm weights counted once, summed over the
+`main_grad` that DDP accumulates, and copies back to the bf16 model); with --distributed-optimizer,
+megatron-core's `DistributedOptimizer` (AdamW; its state and the fp32 main parameters sharded over the
+data-parallel group, gradients reduce-scattered, parameters all-gathered after the step). Megatron-core computes
+the global gradient norm the model-parallel way (tensor-parallel duplicates such as norm weights counted once, summed over the
 model-parallel group) and clips by it. The schedule is a linear warmup then constant or cosine, as a torch
 `LambdaLR` on the inner optimiser.
 """
@@ -70,18 +72,10 @@ class TrainOptimizer:
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, *, bf16: bool, total_steps: int):
         self.config = config
-        inner = _torch_optimizer(config, _param_groups(model, config.weight_decay))
-        megatron_config = OptimizerConfig(
-            optimizer="sgd" if config.optimizer == "sgd" else "adam",  # only read for defaults we do not use
-            lr=config.lr, weight_decay=config.weight_decay, bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=config.grad_clip,
-            log_num_zeros_in_grad=False)
-        if bf16:
-            # bf16 needs no loss scaling (same exponent range as fp32): grad_scaler=None.
-            self.megatron_optimizer = Float16OptimizerWithFloat16Params(inner, megatron_config, None, _no_init)
-        else:
-            self.megatron_optimizer = FP32Optimizer(inner, megatron_config, _no_init)
-        self.inner = inner
+        self.sharded = config.distributed_optimizer
+        build = _distributed_optimizer if self.sharded else _replicated_optimizer
+        self.megatron_optimizer = build(config, model, bf16=bf16)
+        inner = self.inner = self.megatron_optimizer.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             inner, lambda index: lr_factor(index + 1, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                            schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio))
@@ -116,13 +110,64 @@ class TrainOptimizer:
         return grad_norm
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.megatron_optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """With --distributed-optimizer: this data-parallel rank's shard (each rank saves its own)."""
+        if self.sharded:
+            # megatron's DistributedOptimizer.state_dict() leaves the sharded tensors out: the torch AdamW's state
+            # over this rank's fp32 main-parameter shards, and the shards themselves (bf16 runs' master weights).
+            optimizer = {"inner": self.inner.state_dict(), "main_params": self._main_params()}
+        else:
+            optimizer = self.megatron_optimizer.state_dict()
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "skipped_updates": self.skipped_updates}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.megatron_optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            self.inner.load_state_dict(state["optimizer"]["inner"])
+            saved = state["optimizer"]["main_params"]
+            mine = self._main_params()
+            if [tuple(p.shape) for p in saved] != [tuple(p.shape) for p in mine]:
+                raise ValueError("--resume: the checkpointed optimizer shards do not match this launch's "
+                                 "(same processes, --tensor-parallel and model needed)")
+            with torch.no_grad():
+                for param, value in zip(mine, saved):
+                    param.copy_(value)
+        else:
+            self.megatron_optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_updates = state["skipped_updates"]
+
+    def _main_params(self) -> List[torch.Tensor]:
+        return [param for group in self.inner.param_groups for param in group["params"]]
+
+
+def _replicated_optimizer(config: TrainConfig, model: torch.nn.Module, *, bf16: bool):
+    """Our torch optimiser (every DP rank holds all of its state) in megatron-core's fp32 or bf16 wrapper."""
+    inner = _torch_optimizer(config, _param_groups(model, config.weight_decay))
+    megatron_config = OptimizerConfig(
+        optimizer="sgd" if config.optimizer == "sgd" else "adam",  # only read for defaults we do not use
+        lr=config.lr, weight_decay=config.weight_decay, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=config.grad_clip,
+        log_num_zeros_in_grad=False)
+    if bf16:
+        # bf16 needs no loss scaling (same exponent range as fp32): grad_scaler=None.
+        return Float16OptimizerWithFloat16Params(inner, megatron_config, None, _no_init)
+    return FP32Optimizer(inner, megatron_config, _no_init)
+
+
+def _distributed_optimizer(config: TrainConfig, model: torch.nn.Module, *, bf16: bool):
+    """megatron-core's DistributedOptimizer over `model` (megatron DDP built with use_distributed_optimizer=True):
+    it builds the AdamW over this rank's shard of the fp32 main parameters (1-D parameters without weight decay, as
+    _param_groups) and all-gathers the updated parameters after each step."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    if config.optimizer != "adamw":  # rpo.train.scale.check_scale_options names the option first
+        raise ValueError(f"the distributed optimizer supports adamw only, got {config.optimizer!r}")
+    megatron_config = OptimizerConfig(
+        optimizer="adam", lr=config.lr, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2, adam_eps=config.eps, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=config.grad_clip,
+        log_num_zeros_in_grad=False, use_distributed_optimizer=True)
+    return get_megatron_optimizer(megatron_config, [model])
 
 
 def _no_init(optimizer, config=None):

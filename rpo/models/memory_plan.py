@@ -1,0 +1,460 @@
+"""Per-GPU memory plan of a training run: pure arithmetic from an HF config and the run's options.
+
+No model is built: `estimate_memory` counts the bytes of every component of one rank's peak during a training
+step of rpo's trainer (megatron-core GPTModel, local layer spec unless `attention="flash"`, megatron DDP with fp32
+gradient buffers, megatron's optimizer wrappers, rpo.models.logprobs' chunked log-probs). It models megatron-core
+0.16's local layers as measured on CPU (benchmarks/memory_plan.py checks it against measured peaks).
+
+Notation: L layers, h hidden, a attention heads, g KV heads (GQA), d head dim, f intermediate (SwiGLU), V the padded
+vocabulary (rpo.models.gpt.padded_vocab_size), t tensor-parallel size, D data-parallel size, P micro-batch pairs,
+b = 2P sequences in one forward (chosen and rejected rows together), s tokens per sequence (prompt + response),
+n = b·(s − prompt) scored tokens, c = min(chunk, n) tokens per log-prob chunk, e bytes per element of the
+parameter/compute dtype (2 bf16, 4 fp32), sp = t with sequence parallelism else 1.
+
+Parameters on one GPU (TP shards everything except the RMSNorm weights):
+    per layer  (h·(a+2g)·d + a·d·h + 3·h·f) / t + 2h        QKV, output projection, gate+up, down; two norms
+    embedding  V·h / t;  output layer V·h / t unless tied;  final norm h
+Persistent bytes, N = parameters on this GPU:
+    parameters      e·N
+    gradients       4·N            megatron DDP with grad_reduce_in_fp32=True keeps one fp32 buffer (not sharded
+                                   by the distributed optimizer: it reduce-scatters inside it)
+    master weights  4·N / D'       bf16 only (fp32 runs step the parameters themselves); D' = D with the
+                                   distributed optimizer, else 1
+    optimizer       4·k·N / D'     k = 2 AdamW, 1 RMSprop (+1 with momentum), 0 SGD (1 with momentum)
+    reference       e·N            a frozen copy, unless its log-probs are precomputed (or the loss needs none)
+
+Activations kept from forward to backward, per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models", redone for RMSNorm, SwiGLU, GQA, RoPE, no dropout, and for what megatron-core's
+local layers actually save):
+    norms           2·(r·s·b·h + 4·s·b) / sp   r bytes per element an RMSNorm saves besides its fp32 1/rms: e when
+                                       fused (CUDA torch, TE), 8 with CPU torch's composite rms_norm (fp32 input
+                                       and fp32 x/rms, in bf16 runs too)
+    RoPE            4·e·s·d            cos and sin, saved for Q and for K
+    linear inputs   2·e·s·b·h / sp     QKV and gate+up inputs (with sp: the sequence shard, re-gathered in backward)
+    attention, local (unfused DotProductAttention)
+                    e·s·b·d·(a + a + v) / t     Q and the repeated K (saved by QKᵀ), V (v = a repeated when a > g;
+                                                with a = g the V view keeps the whole fused QKV output, v = a+2g)
+                  + (4 + e·[e≠4])·b·a·s² / t    fp32 softmax output (+ its bf16 copy that P·V saves)
+                  + e·s·b·a·d / t               context, the output projection's input
+    attention, flash (TE fused)
+                    e·s·b·d·(2a + 2g) / t + 4·b·a·s / t     Q, K, V, output and the softmax statistics
+    SwiGLU MLP      5·e·s·b·f / t      gate+up output (kept by silu's view of the gate), silu(gate), up + 0
+                                       (megatron's glu_linear_offset makes a new tensor), and the down input
+With selective recomputation (megatron's core_attn) the attention keeps only the core attention's inputs and
+output: e·s·b·d·(a + g + a+2g + a) / t (Q and K after RoPE, V's view keeping the fused QKV output, context) — or
+e·s·b·d·(2a+2g)/t for flash. With full recomputation (uniform, one layer per checkpoint) a layer keeps its input,
+e·s·b·h / sp. Besides the layers: the final norm (r·s·b·h / sp), the response hidden states (e·n·h, the chunked
+log-probs' checkpoint input) and, with local attention, the boolean mask (b·s² bytes).
+
+Working sets on top of the activations (the largest counts; `working` is it minus the log-prob chunk):
+    log-prob chunk      c·(V/t)·(e + 4·[e≠4] + 4·[vocabulary padded])  logits, their fp32 copy, the padding-masked
+                        copy (megatron's cross-entropy then works in place)
+    forward tail        e·s·b·h + chunk (+ e·n·h with a reference model, whose forward runs after the policy's)
+    output backward     chunk + e·(V/t)·h     the output layer's weight gradient before DDP adds it to main_grad
+    layer backward      the recomputed part of one layer (none: 0; selective: the core attention; full: the whole
+                        layer) + that layer's activation gradients (local attention: two fp32 b·a·s²/t score
+                        gradients; MLP: 3·e·s·b·f/t)
+    optimizer step      (no activations then) one fp32 copy of the optimizer's parameters (the foreach
+                        RMSprop/AdamW sqrt, torch's default on CUDA) or of the largest one (the per-tensor loop,
+                        torch's default on CPU or with foreach=False; AdamW: two)
+    attention buffer    e·b·a·s²/t: megatron's GlobalMemoryBuffer for QKᵀ, allocated once and kept (CUDA only:
+                        on CPU its pages are never written, so never resident)
+Peak = persistent + overhead + max(activations + log-prob chunk + working, optimizer step).
+Not modelled: pipeline and context parallelism (the trainer runs TP × DP only), packing, fragmentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from rpo.models.gpt import SUPPORTED_MODEL_TYPES, padded_vocab_size
+from rpo.models.logprobs import DEFAULT_CHUNK_SIZE
+
+GIB = 2**30
+RECOMPUTE_MODES = ("none", "selective", "full")
+REFERENCE_MODES = ("kept", "precomputed", "none")
+OPTIMIZERS = ("rmsprop", "adamw", "sgd")
+ATTENTION_BACKENDS = ("local", "flash")
+DEVICES = ("cuda", "cpu")
+DEFAULT_CUDA_OVERHEAD_BYTES = GIB  # CUDA context, cuBLAS/NCCL workspaces
+_DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an HF LLaMA/Mistral config that decide memory."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "ModelShape":
+        """From a config.json dict or a transformers config object."""
+        get = hf_config.get if isinstance(hf_config, Mapping) else (lambda key, default=None:
+                                                                     getattr(hf_config, key, default))
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        missing = [key for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                                   "vocab_size") if get(key) is None]
+        if missing:
+            raise ValueError(f"the model config has no {missing}")
+        heads = int(get("num_attention_heads"))
+        return cls(model_type=model_type, num_layers=int(get("num_hidden_layers")),
+                   hidden_size=int(get("hidden_size")), num_heads=heads,
+                   num_kv_heads=int(get("num_key_value_heads") or heads),
+                   head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
+                   intermediate_size=int(get("intermediate_size")), vocab_size=int(get("vocab_size")),
+                   # LlamaConfig and MistralConfig default to untied embeddings.
+                   tie_word_embeddings=bool(get("tie_word_embeddings", False)))
+
+    def layer_parameters(self, tp: int = 1) -> int:
+        h, d = self.hidden_size, self.head_dim
+        sharded = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h \
+            + 3 * h * self.intermediate_size
+        return sharded // tp + 2 * h
+
+    def parameters(self, tp: int = 1, vocab: int | None = None) -> int:
+        """Parameters on one of `tp` ranks; `vocab` defaults to the config's (unpadded, as HF counts)."""
+        vocab = self.vocab_size if vocab is None else vocab
+        embeddings = (1 if self.tie_word_embeddings else 2) * vocab * self.hidden_size // tp
+        return self.num_layers * self.layer_parameters(tp) + embeddings + self.hidden_size
+
+
+def megatron_recompute_settings(recompute: str) -> dict:
+    """The megatron-core TransformerConfig fields of a recompute mode, as this plan models them.
+
+    selective: megatron's core-attention recomputation; full: every layer checkpointed on its own (uniform, 1).
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r} is not one of {RECOMPUTE_MODES}")
+    return {"none": {}, "selective": dict(recompute_granularity="selective"),
+            "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}[recompute]
+
+
+def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
+    """The divisibility megatron-core needs for TP; the error names the option."""
+    for name, value in (("num_attention_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads),
+                        ("intermediate_size", shape.intermediate_size)):
+        if value % tp:
+            raise ValueError(f"--tensor-parallel {tp} must divide the model's {name}={value} "
+                             f"(num_attention_heads={shape.num_heads}, num_key_value_heads={shape.num_kv_heads})")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The run's options that change memory (see estimate_memory)."""
+
+    tensor_parallel: int = 1
+    data_parallel: int = 1
+    micro_batch_pairs: int = 1
+    max_length: int = 512
+    prompt_length: int = 256
+    dtype: str = "bfloat16"
+    optimizer: str = "rmsprop"
+    momentum: float = 0.0
+    reference: str = "kept"
+    recompute: str = "none"
+    distributed_optimizer: bool = False
+    sequence_parallel: bool = False
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
+    attention: str = "local"
+    device: str = "cuda"
+    overhead_bytes: int | None = None  # None: 1 GiB on CUDA, 0 on CPU
+    optimizer_foreach: bool | None = None  # the torch optimiser's foreach; None: torch's default (CUDA only)
+    vocab_divisible_by: int = 128
+
+    def __post_init__(self):
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {options}")
+
+        for name in ("tensor_parallel", "data_parallel", "micro_batch_pairs", "logprob_chunk_size",
+                     "vocab_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be ≥ 2, got {self.max_length}")
+        if not 0 <= self.prompt_length < self.max_length:
+            raise ValueError(f"prompt_length ({self.prompt_length}) must be in [0, max_length={self.max_length})")
+        if self.dtype not in _DTYPE_BYTES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
+        choice("optimizer", OPTIMIZERS)
+        choice("reference", REFERENCE_MODES)
+        choice("recompute", RECOMPUTE_MODES)
+        choice("attention", ATTENTION_BACKENDS)
+        choice("device", DEVICES)
+        if self.momentum < 0:
+            raise ValueError(f"momentum must be ≥ 0, got {self.momentum}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("sequence_parallel (--sequence-parallel) needs --tensor-parallel > 1")
+        if self.overhead_bytes is not None and self.overhead_bytes < 0:
+            raise ValueError(f"overhead_bytes must be ≥ 0, got {self.overhead_bytes}")
+
+    @property
+    def element_bytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One GPU's estimated memory, every component in bytes (see the module docstring for the formulas)."""
+
+    shape: ModelShape
+    settings: PlanSettings
+    padded_vocab_size: int
+    parameters_per_gpu: int
+    parameters_total: int  # the HF model's (unpadded vocabulary)
+    parameters: int
+    gradients: int
+    master_weights: int
+    optimizer_state: int
+    reference_model: int
+    activations: int  # kept from forward to backward with settings.recompute
+    activations_by_recompute: Mapping[str, int]
+    logprob_chunk: int
+    working: int  # other transients at the forward/backward peak (forward tail, weight gradient, recomputed layer)
+    optimizer_step: int  # the optimizer step's temporaries (activations are freed by then)
+    attention_buffer: int
+    overhead: int
+    gpu_memory_gb: float | None = None  # GiB (2**30 bytes, as nvidia-smi's MiB / 1024)
+    working_candidates: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def persistent(self) -> int:
+        return (self.parameters + self.gradients + self.master_weights + self.optimizer_state
+                + self.reference_model + self.attention_buffer)
+
+    @property
+    def peak_bytes(self) -> int:
+        step = self.activations + self.logprob_chunk + self.working
+        return self.persistent + self.overhead + max(step, self.optimizer_step)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the peak fits `gpu_memory_gb` (None when no memory size was given)."""
+        if self.gpu_memory_gb is None:
+            return None
+        return self.peak_bytes <= self.gpu_memory_gb * GIB
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(activations_by_recompute=dict(self.activations_by_recompute),
+                   working_candidates=dict(self.working_candidates), persistent=self.persistent,
+                   peak_bytes=self.peak_bytes, fits=self.fits)
+        return out
+
+    def format_plan(self) -> str:
+        """A table of the components in GiB and the verdict."""
+        s, m = self.settings, self.shape
+        recompute_line = ", ".join(f"{mode} {_gib(value)}" for mode, value in self.activations_by_recompute.items())
+        rows = [
+            ("parameters", self.parameters, f"{self.parameters_per_gpu:,} on this GPU of {self.parameters_total:,}"
+                                            f" ({s.dtype})"),
+            ("gradients", self.gradients, "fp32 DDP buffer"),
+            ("master weights", self.master_weights,
+             "fp32 copy" + (f", sharded over DP={s.data_parallel}" if s.distributed_optimizer else "")
+             if self.master_weights else "none (fp32 parameters)"),
+            ("optimizer state", self.optimizer_state,
+             s.optimizer + (f", sharded over DP={s.data_parallel}" if s.distributed_optimizer else "")),
+            ("reference model", self.reference_model, s.reference),
+            ("attention buffer", self.attention_buffer, "megatron's QKᵀ buffer" if self.attention_buffer else "-"),
+            ("activations", self.activations, f"recompute={s.recompute} (none/selective/full: {recompute_line})"),
+            ("log-prob chunk", self.logprob_chunk,
+             f"{min(s.logprob_chunk_size, self._scored_tokens)} tokens x {self.padded_vocab_size // s.tensor_parallel}"
+             " vocabulary"),
+            ("other working set", self.working, "largest transient at the forward/backward peak"),
+            ("optimizer step", self.optimizer_step, "temporaries (not added: activations are freed then)"),
+            ("overhead", self.overhead, "CUDA context and workspaces" if self.overhead else "-"),
+        ]
+        width = max(len(name) for name, _, _ in rows)
+        lines = [f"Memory plan: {m.model_type} {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_heads}/"
+                 f"{m.num_kv_heads} KV, MLP {m.intermediate_size}, vocabulary {m.vocab_size}"
+                 f"{' (tied)' if m.tie_word_embeddings else ''}",
+                 f"  TP={s.tensor_parallel} DP={s.data_parallel}, {s.micro_batch_pairs} pairs "
+                 f"({2 * s.micro_batch_pairs} sequences) x {s.max_length} tokens (prompt {s.prompt_length}), "
+                 f"{s.dtype}, distributed optimizer {'on' if s.distributed_optimizer else 'off'}, sequence parallel "
+                 f"{'on' if s.sequence_parallel else 'off'}, attention {s.attention}, {s.device}",
+                 f"  {'component':<{width}}  {'GiB':>8}  notes"]
+        lines += [f"  {name:<{width}}  {value / GIB:8.2f}  {note}" for name, value, note in rows]
+        lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GIB:8.2f}  persistent + overhead + max(activations + "
+                     "chunk + working, optimizer step)")
+        if self.gpu_memory_gb is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  {verdict} in {self.gpu_memory_gb:g} GiB "
+                         f"({self.peak_bytes / (self.gpu_memory_gb * GIB):.0%} of it)")
+        return "\n".join(lines)
+
+    @property
+    def _scored_tokens(self) -> int:
+        s = self.settings
+        return 2 * s.micro_batch_pairs * (s.max_length - s.prompt_length)
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.2f}"
+
+
+def _optimizer_states(settings: PlanSettings) -> int:
+    """fp32 tensors per parameter that the torch optimiser keeps (lazily created at its first step)."""
+    momentum = 1 if settings.momentum > 0 else 0
+    return {"adamw": 2, "rmsprop": 1 + momentum, "sgd": momentum}[settings.optimizer]
+
+
+class _Activations:
+    """The activation formulas of the module docstring for one shape and settings."""
+
+    def __init__(self, shape: ModelShape, settings: PlanSettings):
+        self.m, self.st = shape, settings
+        self.e = settings.element_bytes
+        self.t = settings.tensor_parallel
+        self.sp = settings.tensor_parallel if settings.sequence_parallel else 1
+        self.b = 2 * settings.micro_batch_pairs
+        self.s = settings.max_length
+        # CPU torch's composite rms_norm saves its fp32 input and fp32 x·rstd, in fp32 and bf16 runs alike.
+        self.norm_bytes = self.e if settings.device == "cuda" else 8
+        self.local = settings.attention == "local"
+
+    def sbh(self) -> int:
+        return self.s * self.b * self.m.hidden_size
+
+    def norm(self) -> int:
+        """What one RMSNorm saves: its input (r bytes per element) and the fp32 1/rms per token."""
+        return (self.norm_bytes * self.sbh() + 4 * self.s * self.b) // self.sp
+
+    def scores(self) -> int:
+        """Elements of one layer's attention scores on this rank, b·a·s²/t."""
+        return self.b * self.m.num_heads // self.t * self.s * self.s
+
+    def _heads(self, count: int) -> int:
+        """Elements of s·b·count·d/t (count heads of head_dim on this rank)."""
+        return self.s * self.b * count * self.m.head_dim // self.t
+
+    def core_attention(self) -> int:
+        """What the local core attention saves beyond its inputs (dropped by selective recomputation)."""
+        a, g = self.m.num_heads, self.m.num_kv_heads
+        if not self.local:
+            return 0  # flash attention keeps only its inputs, output and per-row statistics
+        value_heads = a if a > g else a + 2 * g
+        return self.e * self._heads(a + a + value_heads) + (4 + (self.e if self.e != 4 else 0)) * self.scores()
+
+    def attention_kept(self, recompute: str) -> int:
+        a, g = self.m.num_heads, self.m.num_kv_heads
+        if not self.local:
+            return self.e * self._heads(2 * a + 2 * g) + 4 * self.b * a // self.t * self.s
+        if recompute == "selective":
+            # Q and K after RoPE are new tensors; V is a view of the fused QKV output, which it keeps whole.
+            return self.e * self._heads(a + g + (a + 2 * g) + a)
+        return self.core_attention() + self.e * self._heads(a)  # + the context (the projection's input)
+
+    def layer(self, recompute: str) -> int:
+        if recompute == "full":
+            return self.e * self.sbh() // self.sp
+        norms_and_inputs = 2 * (self.norm() + self.e * self.sbh() // self.sp)
+        rope = 4 * self.e * self.s * self.m.head_dim  # cos and sin, cast to e, saved for Q and for K
+        mlp = 5 * self.e * self.s * self.b * self.m.intermediate_size // self.t
+        return norms_and_inputs + rope + self.attention_kept(recompute) + mlp
+
+    def total(self, recompute: str) -> int:
+        scored = self.b * (self.s - self.st.prompt_length)
+        mask = self.b * self.s * self.s if self.local else 0
+        return (self.m.num_layers * self.layer(recompute) + self.norm() + self.e * scored * self.m.hidden_size
+                + mask)
+
+    def layer_backward(self, recompute: str) -> int:
+        """Recomputed part of one layer plus that layer's activation gradients."""
+        recomputed = {"none": 0, "selective": self.core_attention(),
+                      "full": self.layer("none") - self.layer("full")}[recompute]
+        score_grads = 2 * 4 * self.scores() if self.local else 0
+        mlp_grads = 3 * self.e * self.s * self.b * self.m.intermediate_size // self.t
+        return recomputed + max(score_grads, mlp_grads)
+
+
+def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **options) -> MemoryPlan:
+    """Estimate one GPU's peak memory of a training step; `options` are PlanSettings' fields.
+
+    `hf_config`: a LLaMA/Mistral config.json dict or transformers config. `gpu_memory_gb` (GiB) adds the verdict.
+    """
+    shape = ModelShape.from_hf(hf_config)
+    settings = PlanSettings(**options)
+    tp, dp = settings.tensor_parallel, settings.data_parallel
+    check_tensor_parallel(shape, tp)
+    e = settings.element_bytes
+    vocab = padded_vocab_size(shape.vocab_size, tp, settings.vocab_divisible_by)
+    count = shape.parameters(tp, vocab)
+    shards = dp if settings.distributed_optimizer else 1
+    optimizer_params = count // shards  # the parameters (shards) the torch optimiser steps
+    master = 4 * optimizer_params if e != 4 else 0
+    optimizer_state = 4 * _optimizer_states(settings) * optimizer_params
+    reference = e * count if settings.reference == "kept" else 0
+
+    acts = _Activations(shape, settings)
+    by_mode = {mode: acts.total(mode) for mode in RECOMPUTE_MODES}
+    width = vocab // tp
+    scored = 2 * settings.micro_batch_pairs * (settings.max_length - settings.prompt_length)
+    chunk_tokens = min(settings.logprob_chunk_size, max(scored, 1))
+    padded = vocab > shape.vocab_size
+    chunk = chunk_tokens * width * (e + (4 if e != 4 else 0) + (4 if padded else 0))
+    candidates = {
+        "forward tail": e * acts.sbh() + (e * scored * shape.hidden_size if reference else 0) + chunk,
+        "output backward": chunk + e * width * shape.hidden_size,
+        "layer backward": acts.layer_backward(settings.recompute),
+    }
+    working = max(0, max(candidates.values()) - chunk)
+    largest_param = max(width * shape.hidden_size,
+                        shape.hidden_size * 2 * shape.intermediate_size // tp)
+    foreach = settings.optimizer_foreach
+    if foreach is None:  # torch's default: the multi-tensor (foreach) step for CUDA tensors only
+        foreach = settings.device == "cuda"
+    if foreach:
+        step = 4 * optimizer_params if _optimizer_states(settings) else 0
+    else:
+        step = 4 * largest_param * (2 if settings.optimizer == "adamw" else 1)
+    attention_buffer = e * acts.scores() if (acts.local and settings.device == "cuda") else 0
+    overhead = settings.overhead_bytes
+    if overhead is None:
+        overhead = DEFAULT_CUDA_OVERHEAD_BYTES if settings.device == "cuda" else 0
+    return MemoryPlan(
+        shape=shape, settings=settings, padded_vocab_size=vocab, parameters_per_gpu=count,
+        parameters_total=shape.parameters(), parameters=e * count, gradients=4 * count, master_weights=master,
+        optimizer_state=optimizer_state, reference_model=reference, activations=by_mode[settings.recompute],
+        activations_by_recompute=by_mode, logprob_chunk=chunk, working=working, optimizer_step=step,
+        attention_buffer=attention_buffer, overhead=overhead, gpu_memory_gb=gpu_memory_gb,
+        working_candidates=candidates)
+
+
+def plan_from_train_config(config, hf_config: Any, *, world_size: int, needs_reference: bool = True,
+                           gpu_memory_gb: float | None = None, device: str = "cuda", **overrides) -> MemoryPlan:
+    """The plan of a trainer run: `config` is an rpo.train.TrainConfig, `world_size` the number of GPUs.
+
+    `needs_reference` is the built loss's `needs_reference`; `device` "cuda" plans for GPUs, "cpu" for this
+    machine. Options read from the config when it has them (recompute, distributed_optimizer, sequence_parallel,
+    logprob_chunk_size) or given as keywords (`overrides`, any PlanSettings field, win over the config).
+    """
+    tp = int(config.tensor_parallel)
+    if world_size < 1 or world_size % tp:
+        raise ValueError(f"--tensor-parallel {tp} must divide the number of GPUs ({world_size})")
+    dtype = config.dtype
+    if dtype == "auto":  # the trainer's rule: bf16 on GPU, fp32 on CPU
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if not needs_reference:
+        reference = "none"
+    else:
+        reference = "precomputed" if config.precompute_reference else "kept"
+    options = dict(tensor_parallel=tp, data_parallel=world_size // tp, micro_batch_pairs=int(config.micro_batch_size),
+                   max_length=int(config.max_length), prompt_length=int(config.max_prompt_length), dtype=dtype,
+                   optimizer=config.optimizer, momentum=float(config.momentum), reference=reference, device=device)
+    for name in ("recompute", "distributed_optimizer", "sequence_parallel", "logprob_chunk_size"):
+        if hasattr(config, name):
+            options[name] = getattr(config, name)
+    options.update(overrides)
+    return estimate_memory(hf_config, gpu_memory_gb=gpu_memory_gb, **options)

@@ -1,0 +1,77 @@
+"""The policy loaded from an HF folder (this rank's TP shard of a GPTModel, its HF config and tokenizer) and its
+frozen reference copy. Saving back to HF: rpo.models.hf_checkpoint.save_hf."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from rpo.models import gpt as gpt_lib
+from rpo.models import hf_checkpoint
+from rpo.models.parallel import init_parallel
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
+
+
+def load_hf_config(hf_path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
+
+
+def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype | str = torch.float32,
+                vocab_divisible_by: int = 128, use_te: bool | None = None, trust_remote_code: bool = False,
+                recompute: str = "none"):
+    """(model, hf_config, tokenizer): this rank's TP shard of a GPTModel holding the HF folder's weights.
+
+    Initialises torch.distributed and megatron's parallel state for `tp_size` if that has not been done.
+    `recompute`: activation recomputation in training mode ("none", "selective", "full"; see
+    rpo.models.gpt.recompute_settings).
+    """
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    hf_path = Path(hf_path)
+    if not (hf_path / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_path} is not a Hugging Face model folder (no config.json)")
+    if not parallel_state.model_parallel_is_initialized():
+        init_parallel(tp_size)
+    hf_config = load_hf_config(hf_path, trust_remote_code)
+    model = gpt_lib.build_gpt_model(hf_config, tp_size=tp_size, dtype=resolve_dtype(dtype),
+                                    vocab_divisible_by=vocab_divisible_by, use_te=use_te, initialize=False,
+                                    recompute=recompute)
+    hf_checkpoint.load_hf_weights(model, hf_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
+    return model, hf_config, tokenizer
+
+
+def reference_model(policy):
+    """A frozen (eval mode, no grad) copy of `policy` with the same sharding and this rank's same weights.
+
+    It keeps no activations for backward, so it is built without recomputation whatever the policy uses.
+    """
+    gpt = gpt_lib.unwrap(policy)
+    info = gpt_lib.model_info(gpt)
+    reference = gpt_lib.build_gpt_model(info.hf_config, tp_size=info.tp_size, dtype=info.dtype,
+                                        vocab_divisible_by=info.vocab_divisible_by, use_te=info.uses_te,
+                                        initialize=False)
+    state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"reference copy mismatch: missing {missing}, unexpected {unexpected}")
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+

@@ -1,0 +1,79 @@
+"""The scale options (config group "scale"): their cross-option checks and what the trainer derives from them.
+
+--recompute goes to the policy's megatron TransformerConfig (rpo.models.gpt.recompute_settings); --packing to the
+log-prob calls of policy and reference (rpo.models.packing); --distributed-optimizer to megatron's DDP config and
+optimiser (rpo.train.optim); --sequence-parallel to the TransformerConfig; --plan / --gpu-memory-gb to
+rpo.models.memory_plan.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from rpo.train.config import ConfigError, TrainConfig
+
+# megatron-core's DistributedOptimizer asserts torch's Adam/AdamW (or TE/apex FusedAdam): its checkpointing of the
+# sharded state knows only Adam's state (exp_avg, exp_avg_sq).
+DISTRIBUTED_OPTIMIZERS = ("adamw",)
+
+# Why training refuses --sequence-parallel (measured with megatron-core 0.16.1; see the report of issue 13).
+SEQUENCE_PARALLEL_UNSUPPORTED = (
+    "--sequence-parallel: only --plan estimates it; training with it is not supported yet. megatron-core's local "
+    "layer spec (used without Transformer Engine) refuses it in its torch norms (WrappedTorchNorm: 'sequence "
+    "parallel not supported by torch LayerNorm'), and rpo's log-prob path reads every position's final hidden "
+    "state on each tensor-parallel rank, which sequence parallelism shards")
+
+
+def check_scale_options(config: TrainConfig) -> None:
+    """Combinations of the scale options with the others; ConfigError naming the option."""
+    if config.pack_length is not None and not config.packing:
+        raise ConfigError(f"--pack-length {config.pack_length} applies with --packing only")
+    if config.packing and config.pack_length is not None and config.pack_length < config.max_length:
+        raise ConfigError(f"--pack-length ({config.pack_length}) must be at least --max-length "
+                          f"({config.max_length}): a sequence is never split over packed rows")
+    if config.distributed_optimizer and config.optimizer not in DISTRIBUTED_OPTIMIZERS:
+        raise ConfigError(f"--distributed-optimizer: megatron-core's DistributedOptimizer supports only Adam-type "
+                          f"optimisers; use --optimizer adamw (got --optimizer {config.optimizer})")
+    if config.sequence_parallel and config.tensor_parallel < 2:
+        raise ConfigError(f"--sequence-parallel splits the sequence over the tensor-parallel group: it needs "
+                          f"--tensor-parallel > 1 (got {config.tensor_parallel})")
+    if config.sequence_parallel and not config.plan:
+        raise ConfigError(SEQUENCE_PARALLEL_UNSUPPORTED)
+    for name in ("plan_gpus", "gpu_memory_gb"):
+        if getattr(config, name) is not None and not config.plan:
+            raise ConfigError(f"--{name.replace('_', '-')} applies with --plan only")
+
+
+def pack_length(config: TrainConfig) -> Optional[int]:
+    """The longest packed row with --packing (default --max-length), else None (no packing)."""
+    if not config.packing:
+        return None
+    return config.pack_length or config.max_length
+
+
+def memory_plan(config: TrainConfig):
+    """--plan: the estimated per-GPU memory of this run (rpo.models.memory_plan, planned for CUDA GPUs) for
+    --plan-gpus GPUs (default: this launch's processes); nothing is trained, only the model's config is read."""
+    from rpo.models.memory_plan import plan_from_train_config
+    from rpo.models.policy_and_reference import load_hf_config
+    from rpo.train import preflight
+    from rpo.train.trainer import build_training_loss
+
+    model_path = (preflight.resolve_model_path(config.model, "--model") if config.model
+                  else preflight.default_model_path())
+    gpus = config.plan_gpus or preflight.launch_world_size()
+    try:
+        return plan_from_train_config(config, load_hf_config(model_path, config.trust_remote_code), world_size=gpus,
+                                      needs_reference=build_training_loss(config).needs_reference,
+                                      gpu_memory_gb=config.gpu_memory_gb)
+    except ValueError as error:  # e.g. a tensor-parallel size that does not divide the heads or the GPUs
+        raise ConfigError(f"--plan: {error}") from None
+
+
+def print_memory_plan(config: TrainConfig) -> None:
+    """--plan: check the options, print the plan's table on rank 0."""
+    import os
+
+    check_scale_options(config)
+    text = memory_plan(config).format_plan()
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
