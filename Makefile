@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/kernels/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-slow demo bench bench-trl wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
+.PHONY: install test test-slow demo bench bench-alignment bench-trl wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
 	kernel-check clean
 
 install: $(VENV)/.deps-installed $(VENV)/.ext-built
@@ -76,6 +76,11 @@ bench: install
 	$(VPY) benchmarks/global_contrast.py
 	$(VPY) benchmarks/logprobs_memory.py
 	$(VPY) benchmarks/trainer_step.py
+
+# Held-out alignment of every method at one budget (about an hour on 2 cores; ALIGNMENT_ARGS=--quick: ~10 min).
+ALIGNMENT_ARGS ?=
+bench-alignment: install
+	$(VPY) benchmarks/alignment.py $(ALIGNMENT_ARGS)
 
 # TRL only in its own venv (third-party packages shared with .venv through a .pth file), never in .venv.
 bench-trl: install

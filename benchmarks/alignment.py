@@ -40,6 +40,8 @@ class Method:
     args: Sequence[str]
     data: str = "paired"  # "paired" or "unpaired" (the shared data file it trains on)
     note: str = ""
+    # KTO's KL scores mismatched pairs with the live reference each step, which --precompute-reference drops.
+    precompute_reference: bool = True
 
 
 # The budget is the same for all: only these arguments differ between methods.
@@ -50,17 +52,18 @@ METHODS: List[Method] = [
            note="global 8x8 matrix, rows sum to 1 (effective beta ~ beta/N)"),
     Method("rpo-global-mean", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "mean"],
            note="global matrix, average pair keeps the full beta"),
-    Method("rpo-global-reference", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "reference"],
+    Method("rpo-global-reference", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "reference_columns"],
            note="global matrix normalised to the per-GPU column count (the authors' effective beta)"),
     Method("rpo-uniform", ["--loss", "rpo", "--global-contrast", "--weighting", "uniform"]),
     Method("rpo-diagonal-paper", ["--loss", "rpo", "--global-contrast", "--weighting", "diagonal"],
            note="Eq. 13: alpha inside the sigmoid"),
     Method("rpo-diagonal-authors", ["--loss", "rpo", "--global-contrast", "--weighting", "diagonal",
-                                    "--loss-options", "diagonal_form=authors"],
+                                    "--contrast-form", "authors"],
            note="the authors' code: alpha outside the sigmoid"),
     Method("simpo", ["--loss", "simpo"]),
     Method("simpo-rpo", ["--loss", "simpo-rpo", "--global-contrast"]),
-    Method("kto-unpaired", ["--loss", "kto"], data="unpaired", note="KTO with its KL reference point"),
+    Method("kto-unpaired", ["--loss", "kto"], data="unpaired", note="KTO with its KL reference point",
+           precompute_reference=False),
     Method("rpo-unpaired", ["--loss", "rpo", "--global-contrast"], data="unpaired"),
 ]
 QUICK = ("dpo", "rpo-local", "rpo-global-row")
@@ -170,7 +173,8 @@ def run_method(method: Method, args, out_dir: Path, help_text: str) -> Result:
               "--micro-batch-size", str(args.micro_batch_size), "--max-prompt-length", str(args.max_prompt_length),
               "--max-length", str(args.max_length), "--eval-split-fraction", str(args.eval_fraction),
               "--eval-every", "0", "--save-every", "0", "--lr", str(args.lr), "--seed", str(args.seed),
-              "--precompute-reference", "--no-progress-bar", "--dataset", str(dataset),
+              *(["--precompute-reference"] if method.precompute_reference else []), "--no-progress-bar",
+              "--dataset", str(dataset),
               "--output-dir", str(run_dir / "train")]
     train = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
              "examples/train.py", *method.args, *budget]

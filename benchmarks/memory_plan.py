@@ -227,7 +227,9 @@ def _scaling_plans(model: dict, gpus: int, gpu_gib: float, attention: str, forea
                     plan = estimate_memory(
                         model, tensor_parallel=tp, data_parallel=dp, micro_batch_pairs=pairs,
                         max_length=PAPER["max_length"], prompt_length=PAPER["prompt_length"], dtype=PAPER["dtype"],
-                        optimizer=PAPER["optimizer"], reference=reference, attention=attention,
+                        # megatron-core's DistributedOptimizer takes Adam(W) only: the trainer refuses rmsprop.
+                        optimizer="adamw" if options["distributed_optimizer"] else PAPER["optimizer"],
+                        reference=reference, attention=attention,
                         sequence_parallel=sequence_parallel, optimizer_foreach=foreach,
                         gpu_memory_gb=gpu_gib * headroom, **options)
                     yield rank, plan

@@ -93,8 +93,6 @@ PreparedInputs prepare_inputs(const at::Tensor& chosen, const at::Tensor& reject
     // (e_i . f_j) * inv_norm_i * inv_norm_j inside the blocks, so no normalised copy is made.
     p.chosen_emb = chosen_emb->to(acc).contiguous();
     p.rejected_emb = rejected_emb->to(acc).contiguous();
-    p.chosen_inv_norm = at::linalg_vector_norm(p.chosen_emb, 2, {1}).clamp_min_(1e-8).reciprocal_();
-    p.rejected_inv_norm = at::linalg_vector_norm(p.rejected_emb, 2, {1}).clamp_min_(1e-8).reciprocal_();
   }
   return p;
 }
@@ -161,6 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& c
 
 at::ScalarType accumulate_type(at::ScalarType score_type) {
   return score_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor inverse_row_norms(const at::Tensor& embeddings) {
+  return at::linalg_vector_norm(embeddings, 2, {1}).clamp_min_(1e-8).reciprocal_();
 }
 
 int64_t rows_per_block(int64_t num_rows, int64_t num_cols, int64_t budget_elements) {

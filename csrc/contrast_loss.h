@@ -32,22 +32,24 @@ struct ContrastOptions {
   bool compute_grad;
 };
 
-// Contiguous inputs; embeddings and norms in the accumulate dtype (float32 for float32/bfloat16 scores, float64
-// for float64), scores too when the backend asks for it (else in their own dtype).
+// Contiguous inputs; embeddings in the accumulate dtype (float32 for float32/bfloat16 scores, float64 for
+// float64), scores too when the backend asks for it (else in their own dtype). The inverse embedding norms are
+// the backend's: the CPU kernel computes them inside its one parallel region (`inverse_row_norms` would add
+// two more regions per call, each a wait for descheduled threads on a loaded machine).
 struct PreparedInputs {
-  at::Tensor chosen;             // [M]
-  at::Tensor rejected;           // [N]
-  at::Tensor chosen_emb;         // [M, D], defined only for the "embedding" weighting
-  at::Tensor rejected_emb;       // [N, D]
-  at::Tensor chosen_inv_norm;    // [M], 1 / max(|e_i|, 1e-8)
-  at::Tensor rejected_inv_norm;  // [N]
+  at::Tensor chosen;        // [M]
+  at::Tensor rejected;      // [N]
+  at::Tensor chosen_emb;    // [M, D], defined only for the "embedding" weighting
+  at::Tensor rejected_emb;  // [N, D]
   int64_t num_rows;
   int64_t num_cols;
 };
 
 // What a backend computes, in the accumulate dtype (zero-initialised by the entry; M, N >= 1):
 // loss_sum (float64 scalar) = sum_ij loss_ij; row_sums [M] = sum_j w_ij dloss_ij/ds_ij; col_sums [N] = sum_i of
-// the same (row/col sums only needed when options.compute_grad).
+// the same (row/col sums only needed when options.compute_grad). The CPU kernel sets loss_sum to NaN when an
+// embedding has a non-finite value (found while computing the norms), so that its callers can leave the value
+// check of the embeddings to the rare non-finite loss (rpo/ops/functions.py).
 struct ContrastSums {
   at::Tensor loss_sum;
   at::Tensor row_sums;
@@ -58,6 +60,9 @@ using ContrastSumsKernel = void (*)(const PreparedInputs& inputs, const Contrast
                                     ContrastSums& sums);
 
 at::ScalarType accumulate_type(at::ScalarType score_type);
+
+// 1 / max(|e_i|, 1e-8) for each row of `embeddings` [rows, D], with ATen ops (used by the CUDA kernel).
+at::Tensor inverse_row_norms(const at::Tensor& embeddings);
 
 // Rows per similarity block so that one block buffer holds about `budget_elements` values (at least one row).
 int64_t rows_per_block(int64_t num_rows, int64_t num_cols, int64_t budget_elements);

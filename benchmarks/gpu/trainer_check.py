@@ -9,7 +9,8 @@ micro-batches of 8 (so `rpo --global-contrast` takes the two-pass path):
   dpo, rpo (per-micro-batch matrix), rpo --global-contrast;
   dpo in float32 on the same first batch: the step-1 log-probs (computed with the initial weights) of bf16 vs fp32;
   rpo --global-contrast with each scale option the trainer has (recompute, distributed optimizer, packing), its
-  first loss against the baseline's; an option the trainer lacks is recorded as "not available".
+  first loss against the baseline's; an option the trainer lacks is recorded as "not available" (the dry run
+  runs all of them in one combined case).
 Per case: tokens/s, step time, peak GPU memory, MFU (check_common.train_flops_per_token). A failing case is
 recorded and the next one runs. With GPU_CHECK_DRY_RUN=1 (a CPU): a 2-layer LLaMA, 4 pairs, 1-2 steps, float32.
 """
@@ -119,18 +120,24 @@ def main(argv=None) -> int:
         fp32 = run_case(result, "dpo float32", workdir, base, loss="dpo", dtype="float32", max_steps=1)
         compare_logps(result, dpo, fp32)
         fields = set(TrainConfig.field_names())
-        for option, variants in SCALE_OPTIONS.items():
-            for value, needs in variants[-1:] if tiny else variants:  # dry run: one variant each
-                name = f"rpo --global-contrast {option}={value}"
-                if option not in fields:
-                    result.case(name, "not available", reason=f"TrainConfig has no field {option!r}")
-                    continue
-                # The first loss is computed before any update: it must not depend on the option.
-                records = run_case(result, name, workdir, base, loss="rpo", global_contrast=True,
-                                   max_steps=2, **{option: value, **needs})
-                if records and baseline:
-                    result.data["cases"][name]["first_loss_vs_baseline"] = cc.relative_difference(
-                        records[0]["loss"], baseline[0]["loss"])
+        variants = {}  # case name -> options
+        for option, values in SCALE_OPTIONS.items():
+            if option not in fields:
+                result.case(f"rpo --global-contrast {option}", "not available",
+                            reason=f"TrainConfig has no field {option!r}")
+                continue
+            for value, needs in values:
+                variants[f"rpo --global-contrast {option}={value}"] = {option: value, **needs}
+        if tiny and variants:  # dry run: every option's code path in one run (a valid combination)
+            combined = {key: value for options in variants.values() for key, value in options.items()}
+            variants = {"rpo --global-contrast " + " ".join(f"{k}={v}" for k, v in combined.items()): combined}
+        for name, options in variants.items():
+            # The first loss is computed before any update: it must not depend on the option.
+            records = run_case(result, name, workdir, base, loss="rpo", global_contrast=True, max_steps=2,
+                               **options)
+            if records and baseline:
+                result.data["cases"][name]["first_loss_vs_baseline"] = cc.relative_difference(
+                    records[0]["loss"], baseline[0]["loss"])
         import torch.distributed as dist
 
         result.data["backend"] = dist.get_backend() if dist.is_initialized() else None

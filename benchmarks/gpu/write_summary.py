@@ -15,8 +15,9 @@ MAX_FILES = 8  # the device tool returns no more files from $OUT
 OK_STATUSES = ("passed", "not available", "skipped")
 
 
-def merge_op_benchmark(work: Path, out: Path) -> dict | None:
-    """benchmarks/contrast_loss.py wrote one JSON per size; one file with all rows, and the figures per size."""
+def merge_op_benchmark(work: Path, out: Path) -> list | None:
+    """benchmarks/contrast_loss.py wrote one JSON per size; one file with all rows (flat: "M = N", "op ms",
+    "op MiB", "eager ms", "<method> error", ...), which are also the stage's figures."""
     parts = sorted((work / "op_benchmark").glob("*.json"), key=lambda p: int(p.stem))
     if not parts:
         return None
@@ -24,12 +25,7 @@ def merge_op_benchmark(work: Path, out: Path) -> dict | None:
     merged["rows"] = [row for part in parts for row in json.loads(part.read_text()).get("rows", [])]
     merged.pop("table", None)
     (out / "op_benchmark.json").write_text(json.dumps(merged, indent=2) + "\n")
-    figures = {}
-    for row in merged["rows"]:
-        figures[str(row.get("size"))] = {method: {k: v for k, v in row[method].items()
-                                                  if k in ("time_ms", "peak_extra_mib", "error")}
-                                         for method in ("op", "eager") if isinstance(row.get(method), dict)}
-    return figures
+    return merged["rows"]
 
 
 def main(argv=None) -> int:
@@ -52,14 +48,13 @@ def main(argv=None) -> int:
         stages.setdefault("op_benchmark", {"status": "passed"})["figures"] = op_benchmark
         sizes = [name for name in stages if name.startswith("op_benchmark M=N=")]
         # The eager baseline may run out of memory at large sizes (recorded); the op must not fail.
-        op_errors = {size: row["op"]["error"] for size, row in op_benchmark.items() if "error" in row.get("op", {})}
+        op_errors = {str(row.get("M = N")): row["op error"] for row in op_benchmark if "op error" in row}
         ok = all(stages[s]["status"] in OK_STATUSES for s in sizes) and not op_errors
         stages["op_benchmark"]["status"] = "passed" if ok else "failed"
         if op_errors:
             stages["op_benchmark"]["op_errors"] = op_errors
     failed = sorted(name for name, entry in stages.items() if entry["status"] not in OK_STATUSES)
-    files = sorted(p.name for p in args.out.iterdir()) + (["summary.json"] if not (args.out / "summary.json").exists()
-                                                          else [])
+    files = sorted({p.name for p in args.out.iterdir()} | {"summary.json"})
     summary = {"passed": not failed and bool(stages), "failed_stages": failed, "total_seconds": args.total_seconds,
                "stages": stages, "files": files}
     if len(files) > MAX_FILES:

@@ -5,7 +5,9 @@
 // "embedding" weighting one single-threaded BLAS call gives the block's cosines (block rows x N), then each row
 // gets its softmax statistics and a single vectorised pass that produces the loss and both gradient
 // contributions. Each slot accumulates column gradients into its own partial row; partials are reduced in slot
-// order, so results are bitwise identical for any thread count and schedule.
+// order, so results are bitwise identical for any thread count and schedule. The embeddings' inverse norms are
+// computed in the same region (columns in chunks that the threads claim first; rows by the slot that uses them),
+// and a non-finite norm (a NaN or infinite embedding value) makes the loss NaN: one parallel region per call.
 // Extra memory: (threads * block rows + slots) * N + O(M + N) values; the M x N matrix never exists.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -159,6 +162,73 @@ double softmax_numerators(double* dots, const double* col_inv_norm, double row_i
   return softmax_numerators_impl<double>(dots, col_inv_norm, row_inv_norm, inv_tau, num_cols);
 }
 
+// 1 / max(|x|, 1e-8) of one embedding row, or NaN when the row has a non-finite value. The squares are summed in
+// float64: no finite float32 row overflows, so for float32 a NaN means exactly "a value is NaN or infinite".
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t inverse_norm_impl(const acc_t* row, int64_t dim) {
+  double sum_squares = 0;
+#pragma omp simd reduction(+ : sum_squares)
+  for (int64_t k = 0; k < dim; ++k) sum_squares += static_cast<double>(row[k]) * static_cast<double>(row[k]);
+  const double norm = std::sqrt(sum_squares);
+  if (!std::isfinite(norm)) return std::numeric_limits<acc_t>::quiet_NaN();
+  return static_cast<acc_t>(1.0 / std::max(norm, 1e-8));
+}
+
+RPO_CPU_MULTIVERSION float inverse_norm(const float* row, int64_t dim) { return inverse_norm_impl(row, dim); }
+double inverse_norm(const double* row, int64_t dim) { return inverse_norm_impl(row, dim); }
+
+// Writes the inverse norms of rows [begin, end) of `embeddings` [*, dim]; returns false if one is NaN.
+template <typename acc_t>
+bool inverse_norms(const acc_t* embeddings, int64_t dim, int64_t begin, int64_t end, acc_t* out) {
+  bool finite = true;
+  for (int64_t row = begin; row < end; ++row) {
+    out[row - begin] = inverse_norm(embeddings + row * dim, dim);
+    finite = finite && !std::isnan(out[row - begin]);
+  }
+  return finite;
+}
+
+// The rejected embeddings' inverse norms, which every slot needs: cut into chunks that the threads claim from
+// a counter as they enter the region, and waited for only before a thread's first softmax, after its first
+// cosine GEMM (by then long done, unless the thread computing a chunk was descheduled in it).
+template <typename acc_t>
+class ColumnInverseNorms {
+ public:
+  static constexpr int64_t kChunkRows = 256;
+
+  ColumnInverseNorms(const acc_t* embeddings, int64_t num_cols, int64_t dim)
+      : embeddings_(embeddings), num_cols_(num_cols), dim_(dim), num_chunks_(ceil_div(num_cols, kChunkRows)),
+        values_(num_cols) {}
+
+  void compute_unclaimed_chunks() {
+    for (int64_t chunk = next_chunk_.fetch_add(1); chunk < num_chunks_; chunk = next_chunk_.fetch_add(1)) {
+      const int64_t begin = chunk * kChunkRows;
+      const int64_t end = std::min(begin + kChunkRows, num_cols_);
+      if (!inverse_norms(embeddings_, dim_, begin, end, values_.data() + begin)) {
+        finite_.store(false, std::memory_order_relaxed);
+      }
+      chunks_done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  const acc_t* wait_for_all() const {
+    while (chunks_done_.load(std::memory_order_acquire) < num_chunks_) std::this_thread::yield();
+    return values_.data();
+  }
+
+  bool finite() const { return finite_.load(std::memory_order_relaxed); }  // after the region
+
+ private:
+  const acc_t* embeddings_;
+  int64_t num_cols_;
+  int64_t dim_;
+  int64_t num_chunks_;
+  std::vector<acc_t> values_;
+  std::atomic<int64_t> next_chunk_{0};
+  std::atomic<int64_t> chunks_done_{0};
+  std::atomic<bool> finite_{true};
+};
+
 template <typename acc_t>
 void contrast_sums_cpu_typed(const PreparedInputs& in, const ContrastOptions& options, ContrastSums& sums) {
   const int64_t num_rows = in.num_rows;
@@ -182,9 +252,12 @@ void contrast_sums_cpu_typed(const PreparedInputs& in, const ContrastOptions& op
   acc_t* row_sums_ptr = sums.row_sums.data_ptr<acc_t>();
   acc_t* col_partials_ptr = col_partials.data_ptr<acc_t>();
   const acc_t inv_tau = static_cast<acc_t>(1.0 / options.tau);
-  const acc_t* chosen_inv_norm = embedding ? in.chosen_inv_norm.data_ptr<acc_t>() : nullptr;
-  const acc_t* rejected_inv_norm = embedding ? in.rejected_inv_norm.data_ptr<acc_t>() : nullptr;
+  const int64_t dim = embedding ? in.chosen_emb.size(1) : 0;
+  const acc_t* chosen_emb = embedding ? in.chosen_emb.data_ptr<acc_t>() : nullptr;
   const at::Tensor rejected_emb_t = embedding ? in.rejected_emb.t() : at::Tensor();
+  ColumnInverseNorms<acc_t> rejected_inv_norms(embedding ? in.rejected_emb.data_ptr<acc_t>() : nullptr,
+                                               embedding ? num_cols : 0, dim);
+  std::atomic<bool> chosen_norms_finite{true};
 
   RowPass<acc_t> base{};
   base.rejected = in.rejected.data_ptr<acc_t>();
@@ -200,7 +273,13 @@ void contrast_sums_cpu_typed(const PreparedInputs& in, const ContrastOptions& op
     // This thread's cosine block, reused across its slots. Inside the parallel region BLAS runs
     // single-threaded: one GEMM per thread on its own rows.
     at::Tensor block;
-    if (embedding) block = at::empty({block_rows, num_cols}, acc_options);
+    std::vector<acc_t> block_inv_norms;
+    const acc_t* rejected_inv_norm = nullptr;
+    if (embedding) {
+      block = at::empty({block_rows, num_cols}, acc_options);
+      block_inv_norms.resize(block_rows);
+      rejected_inv_norms.compute_unclaimed_chunks();
+    }
     for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
       for (int64_t slot = next_slot.fetch_add(1); slot < num_slots; slot = next_slot.fetch_add(1)) {
         slot_thread[slot] = std::hash<std::thread::id>{}(std::this_thread::get_id());
@@ -215,6 +294,10 @@ void contrast_sums_cpu_typed(const PreparedInputs& in, const ContrastOptions& op
             auto out = block.narrow(0, 0, rows);
             at::mm_out(out, in.chosen_emb.narrow(0, block_begin, rows), rejected_emb_t);
             dots = out.data_ptr<acc_t>();
+            if (!inverse_norms(chosen_emb, dim, block_begin, block_begin + rows, block_inv_norms.data())) {
+              chosen_norms_finite.store(false, std::memory_order_relaxed);
+            }
+            if (rejected_inv_norm == nullptr) rejected_inv_norm = rejected_inv_norms.wait_for_all();
           }
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t row = block_begin + r;
@@ -222,7 +305,7 @@ void contrast_sums_cpu_typed(const PreparedInputs& in, const ContrastOptions& op
             if (embedding) {
               acc_t* row_dots = dots + r * num_cols;
               const acc_t sum =
-                  softmax_numerators(row_dots, rejected_inv_norm, chosen_inv_norm[row], inv_tau, num_cols);
+                  softmax_numerators(row_dots, rejected_inv_norm, block_inv_norms[r], inv_tau, num_cols);
               pass.weights = row_dots;
               pass.weight_scale = params.scale / sum;
               loss += row_pass_embedding(pass, row_sums_ptr + row);
@@ -243,6 +326,9 @@ void contrast_sums_cpu_typed(const PreparedInputs& in, const ContrastOptions& op
 
   double loss_sum = 0.0;
   for (double v : slot_loss) loss_sum += v;  // slot order: deterministic
+  if (embedding && !(chosen_norms_finite.load() && rejected_inv_norms.finite())) {
+    loss_sum = std::numeric_limits<double>::quiet_NaN();  // a non-finite embedding value (see ContrastSums)
+  }
   // Column partials reduced over the fixed slot dimension (at::sum's order is fixed for a given shape).
   at::sum_out(sums.col_sums, col_partials, {0});
   sums.loss_sum.fill_(loss_sum);

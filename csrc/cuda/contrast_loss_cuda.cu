@@ -69,8 +69,10 @@ void contrast_sums_cuda_typed(const PreparedInputs& in, const ContrastOptions& o
   auto block = at::empty({block_rows, num_cols}, acc_options);
   auto row_weight_scale = at::empty({block_rows}, acc_options);
   auto rejected_emb_t = in.rejected_emb.t();
-  const acc_t* chosen_inv_norm = in.chosen_inv_norm.data_ptr<acc_t>();
-  const acc_t* rejected_inv_norm = in.rejected_inv_norm.data_ptr<acc_t>();
+  const auto chosen_inv_norm_t = inverse_row_norms(in.chosen_emb);
+  const auto rejected_inv_norm_t = inverse_row_norms(in.rejected_emb);
+  const acc_t* chosen_inv_norm = chosen_inv_norm_t.data_ptr<acc_t>();
+  const acc_t* rejected_inv_norm = rejected_inv_norm_t.data_ptr<acc_t>();
   const acc_t inv_tau = static_cast<acc_t>(1.0 / options.tau);
   for (int64_t begin = 0; begin < num_rows; begin += block_rows) {
     const int64_t rows = std::min(block_rows, num_rows - begin);

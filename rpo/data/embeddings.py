@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .formats import messages_to_text
-from .progress import StageProgress
+from rpo.progress import StageProgress
 
 logger = logging.getLogger(__name__)
 

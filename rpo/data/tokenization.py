@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 
 from .formats import PAIRED, UNPAIRED, LoadReport, PreferenceDataset, messages_to_text
-from .progress import StageProgress, datasets_progress_bars
+from rpo.progress import StageProgress, datasets_progress_bars
 
 logger = logging.getLogger(__name__)
 

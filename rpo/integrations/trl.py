@@ -184,8 +184,8 @@ class RPOTrainer(DPOTrainer):
         _check_trl_loss_fields(args)
         self.global_contrast = bool(setting(global_contrast, "global_contrast", False))
         self.rpo_loss = build_trl_loss(setting(loss, "rpo_loss", "rpo"),
-                                       loss_options if loss is not None else getattr(args, "rpo_loss_options", None),
-                                       args.beta, self.global_contrast)
+                                       setting(loss_options, "rpo_loss_options", None), args.beta,
+                                       self.global_contrast)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)

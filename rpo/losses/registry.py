@@ -164,21 +164,13 @@ def _coerce_option(loss: str, option: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise bad
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if hint in (int, float):
+        accepted = (int,) if hint is int else (int, float)  # an int option takes no float, a float one takes ints
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return hint(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return hint(value)
             except ValueError:
                 raise bad from None
         raise bad
@@ -351,6 +343,12 @@ class Loss:
     @property
     def needs_reference(self) -> bool:
         return bool(self.requires & REFERENCE_KEYWORDS)
+
+    @property
+    def uses_kl_pairs(self) -> bool:
+        """True when it takes the policy and reference log-probs of mismatched (prompt, completion) pairs
+        (KTO's reference point z; rpo.data.kto_pairs builds them)."""
+        return frozenset(KL_KEYWORDS) <= self.optional | self.requires
 
     @property
     def accepted_keywords(self) -> FrozenSet[str]:

@@ -51,25 +51,32 @@ def _is_complete(folder: Path, record: dict) -> bool:
         return False
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantise `gguf` with transformers and write a plain HF folder at `out_dir` (atomically)."""
+def convert_gguf(gguf: Path, out_dir: Path, progress: bool = False) -> Path:
+    """Dequantise `gguf` with transformers and write a plain HF folder at `out_dir` (atomically).
+
+    Takes about a minute on 2 CPU cores: a tqdm bar over its three stages with `progress`, else a log line each."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rpo.models.hf_checkpoint import write_hf_folder
+    from rpo.progress import StageProgress
 
     folder, name = str(gguf.parent), gguf.name
     logger.info("converting %s to a safetensors folder at %s (once)", gguf, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    state = model.state_dict()
-    write_hf_folder(state, model.config, out_dir, tokenizer_src=tokenizer, dtype=torch.float32)
+    with StageProgress(f"converting {name}", 3, unit="stages", progress=progress, logger=logger,
+                       interval_s=0.0) as stages:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        stages.update(1)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        stages.update(1)
+        write_hf_folder(model.state_dict(), model.config, out_dir, tokenizer_src=tokenizer, dtype=torch.float32)
+        stages.update(1)
     # The record is written inside the finished folder; a stale or foreign folder is converted again.
     (out_dir / SOURCE_FILE).write_text(json.dumps(_source_record(gguf)))
     return out_dir
 
 
-def default_model_path(cache: str | os.PathLike | None = None) -> Path:
+def default_model_path(cache: str | os.PathLike | None = None, progress: bool = False) -> Path:
     """Path of the cached HF folder of SmolLM2-135M-Instruct, converting the packaged GGUF on first use."""
     gguf = gguf_path()
     record = _source_record(gguf)
@@ -82,7 +89,7 @@ def default_model_path(cache: str | os.PathLike | None = None) -> Path:
     # the finished folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.staging-", dir=target.parent))
     try:
-        built = convert_gguf(gguf, staging / MODEL_NAME)
+        built = convert_gguf(gguf, staging / MODEL_NAME, progress=progress)
         if _is_complete(target, record):
             return target
         if target.exists():  # stale (older GGUF or interrupted by hand): replace it

@@ -165,6 +165,8 @@ def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = tor
         window_size=(window - 1, 0) if (window and use_te) else None,
         tensor_model_parallel_size=tp_size,
         sequence_parallel=False,
+        # The empty list is megatron's "whole layer" scope; its default "full" only warns that it is deprecated.
+        cuda_graph_scope=[],
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -315,12 +315,7 @@ def clean_hf_config(hf_config, dtype: torch.dtype | None = None):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if dtype is not None:
-        config.dtype = dtype  # transformers ≥ 5 name; written as "dtype" in config.json
-        if hasattr(config, "torch_dtype"):
-            try:
-                config.torch_dtype = dtype
-            except AttributeError:  # a read-only alias of dtype in newer transformers
-                pass
+        config.dtype = dtype  # transformers ≥ 5 name (torch_dtype is its deprecated alias); "dtype" in config.json
     return config
 
 

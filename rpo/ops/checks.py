@@ -107,16 +107,26 @@ def _check_diagonal(fn: str, num_rows: int, num_cols: int, diag_offset, diagonal
                              f"outside the N={num_cols} columns")
 
 
+def check_embedding_values(fn: str, chosen_embeddings: torch.Tensor, rejected_embeddings: torch.Tensor) -> None:
+    """Raises ValueError naming the first non-finite embedding value (tensor, row, column); skipped while
+    torch.compile traces."""
+    if not torch.compiler.is_compiling():
+        _check_finite_values(fn, "chosen_embeddings", chosen_embeddings)
+        _check_finite_values(fn, "rejected_embeddings", rejected_embeddings)
+
+
 def check_contrast_inputs(fn: str, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, *, beta,
                           margin, tau, alpha, weighting, weight_normalization, diag_offset: int = 0,
-                          allow_empty: bool, diagonal_layout: str, loss_scale: Optional[float] = None) -> dict:
+                          allow_empty: bool, diagonal_layout: str, loss_scale: Optional[float] = None,
+                          embedding_values: bool = True) -> dict:
     """Checks every argument of the op; raises TypeError/ValueError naming `fn` and the argument.
 
     Returns the op's scalar arguments as plain Python values: beta, margin, tau, alpha (floats), weighting and
     weight_normalization (the validated strings) and loss_scale (a float, only when given).
     diagonal_layout: "square" (contrast_loss: M = N >= 2), "offset" (contrast_loss_and_grads: row i's diagonal
     is column diag_offset + i) or "global" (a rank's shard of a distributed matrix: the caller checks the
-    global shape).
+    global shape). embedding_values=False leaves out the finiteness check of the embeddings' values, for a
+    caller that runs `check_embedding_values` itself when the op's loss is not finite.
     """
     if diagonal_layout not in DIAGONAL_LAYOUTS:
         raise ValueError(f"{fn}: diagonal_layout must be one of {DIAGONAL_LAYOUTS}, got {diagonal_layout!r}")
@@ -137,7 +147,6 @@ def check_contrast_inputs(fn: str, chosen_scores, rejected_scores, chosen_embedd
     if not torch.compiler.is_compiling():
         _check_finite_values(fn, "chosen_scores", chosen_scores)
         _check_finite_values(fn, "rejected_scores", rejected_scores)
-        if weighting == "embedding":
-            _check_finite_values(fn, "chosen_embeddings", chosen_embeddings)
-            _check_finite_values(fn, "rejected_embeddings", rejected_embeddings)
+    if weighting == "embedding" and embedding_values:
+        check_embedding_values(fn, chosen_embeddings, rejected_embeddings)
     return args

@@ -15,11 +15,23 @@ import torch
 
 from rpo.ops import reference
 from rpo.ops._extension import LOAD_ERROR, warn_fallback_once
-from rpo.ops.checks import check_contrast_inputs
+from rpo.ops.checks import check_contrast_inputs, check_embedding_values
 
 
 def _detached(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return tensor.detach() if tensor is not None else None
+
+
+def _op_flags_embedding_values(weighting: str, chosen_scores: torch.Tensor) -> bool:
+    # The CPU kernel computes the embedding norms itself and returns a NaN loss when one is not finite, so the
+    # finiteness check of the embeddings (two more passes over them, each a parallel region) runs only for a
+    # non-finite loss, to name the bad value (`_check_embeddings_if_not_finite`).
+    return LOAD_ERROR is None and weighting == "embedding" and chosen_scores.device.type == "cpu"
+
+
+def _check_embeddings_if_not_finite(fn: str, loss: torch.Tensor, chosen_embeddings, rejected_embeddings) -> None:
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(loss)):
+        check_embedding_values(fn, chosen_embeddings, rejected_embeddings)
 
 
 def contrast_loss_and_grads(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
@@ -36,18 +48,23 @@ def contrast_loss_and_grads(chosen_scores: torch.Tensor, rejected_scores: torch.
     their cosines are computed in full float32 (float64 for float64 scores) whatever the process's TF32 or
     float32-matmul-precision setting.
     """
-    args = check_contrast_inputs("rpo.ops.contrast_loss_and_grads", chosen_scores, rejected_scores,
-                                 chosen_embeddings, rejected_embeddings, beta=beta, margin=margin, tau=tau,
-                                 alpha=alpha, weighting=weighting, weight_normalization=weight_normalization,
-                                 diag_offset=diag_offset, allow_empty=True, diagonal_layout="offset",
-                                 loss_scale=loss_scale)
+    fn = "rpo.ops.contrast_loss_and_grads"
+    op_flags_embeddings = _op_flags_embedding_values(weighting, chosen_scores)
+    args = check_contrast_inputs(fn, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings,
+                                 beta=beta, margin=margin, tau=tau, alpha=alpha, weighting=weighting,
+                                 weight_normalization=weight_normalization, diag_offset=diag_offset,
+                                 allow_empty=True, diagonal_layout="offset", loss_scale=loss_scale,
+                                 embedding_values=not op_flags_embeddings)
     if weighting != "embedding":
         chosen_embeddings = rejected_embeddings = None
     if LOAD_ERROR is None:
-        return torch.ops.rpo.contrast_loss_and_grads(
+        result = torch.ops.rpo.contrast_loss_and_grads(
             chosen_scores.detach(), rejected_scores.detach(), _detached(chosen_embeddings),
             _detached(rejected_embeddings), args["beta"], args["margin"], args["tau"], args["alpha"], weighting,
             weight_normalization, int(diag_offset), args["loss_scale"], bool(compute_grad))
+        if op_flags_embeddings:
+            _check_embeddings_if_not_finite(fn, result[0], chosen_embeddings, rejected_embeddings)
+        return result
     warn_fallback_once()
     return reference.contrast_loss_and_grads(
         chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings, beta=args["beta"],
@@ -70,10 +87,12 @@ def contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
     pair keeps the full β); ignored by "none". The matrix of this process's batch only; for the global
     matrix over a data-parallel group use `rpo.distributed.global_contrast_loss`.
     """
-    args = check_contrast_inputs("rpo.ops.contrast_loss", chosen_scores, rejected_scores, chosen_embeddings,
-                                 rejected_embeddings, beta=beta, margin=margin, tau=tau, alpha=alpha,
-                                 weighting=weighting, weight_normalization=weight_normalization, allow_empty=False,
-                                 diagonal_layout="square")
+    fn = "rpo.ops.contrast_loss"
+    op_flags_embeddings = _op_flags_embedding_values(weighting, chosen_scores)
+    args = check_contrast_inputs(fn, chosen_scores, rejected_scores, chosen_embeddings, rejected_embeddings,
+                                 beta=beta, margin=margin, tau=tau, alpha=alpha, weighting=weighting,
+                                 weight_normalization=weight_normalization, allow_empty=False,
+                                 diagonal_layout="square", embedding_values=not op_flags_embeddings)
     if weighting != "embedding":
         chosen_embeddings = rejected_embeddings = None
     num_pairs = chosen_scores.shape[0] * rejected_scores.shape[0]
@@ -83,6 +102,8 @@ def contrast_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
             chosen_scores, rejected_scores, _detached(chosen_embeddings), _detached(rejected_embeddings),
             args["beta"], args["margin"], args["tau"], args["alpha"], weighting, weight_normalization, 0,
             1.0 / num_pairs, needs_grad)
+        if op_flags_embeddings:
+            _check_embeddings_if_not_finite(fn, loss, chosen_embeddings, rejected_embeddings)
         return loss
     warn_fallback_once()
     pair_losses = reference.contrast_loss_matrix(

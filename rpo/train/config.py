@@ -44,13 +44,15 @@ UNPAIRED_TAU = 0.75
 
 # Options forwarded to rpo.losses.build_loss when set (None = the loss's own default). Kept in one place so the
 # trainer and the docs agree on which config fields are loss options.
-LOSS_OPTION_FIELDS = ("beta", "tau", "alpha", "weighting", "weight_normalization", "margin", "label_smoothing",
-                      "desirable_weight", "undesirable_weight", "global_contrast")
+LOSS_OPTION_FIELDS = ("beta", "tau", "alpha", "weighting", "weight_normalization", "normalization_columns",
+                      "margin", "label_smoothing", "desirable_weight", "undesirable_weight", "global_contrast")
+# Config fields whose loss option has a shorter name (the loss's own).
+RENAMED_LOSS_OPTIONS = {"contrast_form": "form"}
 
 
 @dataclass
 class TrainConfig:
-    """All options of a training run (see README.md (section "Training with Megatron-core") for the table)."""
+    """All options of a training run (docs/training.md has the table)."""
 
     # --- model -------------------------------------------------------------------------------------------------
     model: Optional[str] = _opt(
@@ -111,8 +113,17 @@ class TrainConfig:
         None, "Contrast weighting (loss default: embedding).", group="loss",
         choices=("embedding", "uniform", "diagonal", "none"))
     weight_normalization: Optional[str] = _opt(
-        None, "Contrast weight normalisation: row (rows sum to 1, the paper; loss default) or mean (the average "
-        "pair keeps the full beta).", group="loss", choices=("row", "mean"))
+        None, "Contrast weight normalisation: row (rows sum to 1, the paper; loss default), mean (the average "
+        "pair keeps the full beta at any matrix size) or reference_columns (rows sum to N/K: the effective beta "
+        "of a K-column matrix, see --normalization-columns).", group="loss",
+        choices=("row", "mean", "reference_columns"))
+    normalization_columns: Optional[int] = _opt(
+        None, "K of --weight-normalization reference_columns (default: the pairs per data-parallel rank, i.e. "
+        "the authors' per-GPU matrix, whatever the global batch).", group="loss", minimum=1)
+    contrast_form: Optional[str] = _opt(
+        None, "Diagonal weighting's form: paper (Eq. 13, alpha inside the sigmoid; loss default) or authors (the "
+        "authors' code: alpha outside the sigmoid on per-pair losses).", group="loss",
+        choices=("paper", "authors"))
     margin: Optional[float] = _opt(None, "Reward margin (SimPO's gamma; contrast losses' margin).", group="loss")
     label_smoothing: Optional[float] = _opt(None, "DPO label smoothing (conservative DPO).", group="loss",
                                             minimum=0.0, exclusive_maximum=0.5)
@@ -256,10 +267,15 @@ class TrainConfig:
                 f"({self.micro_batch_size}) x data-parallel size ({data_parallel_size})")
         return self.global_batch_size // per_step
 
-    def loss_build_options(self, paired: bool = True) -> Dict[str, Any]:
+    def loss_build_options(self, paired: bool = True, data_parallel_size: int = 1) -> Dict[str, Any]:
         """The loss options the user set (None fields are left to the loss's defaults). `paired=False` (unpaired
-        data, for a loss that takes a tau) adds tau = UNPAIRED_TAU unless --tau was given."""
+        data, for a loss that takes a tau) adds tau = UNPAIRED_TAU unless --tau was given. reference_columns
+        without --normalization-columns keeps the per-rank matrix's scale: K = global batch / data-parallel size."""
         options = {name: getattr(self, name) for name in LOSS_OPTION_FIELDS if getattr(self, name) is not None}
+        options.update({loss_name: getattr(self, name) for name, loss_name in RENAMED_LOSS_OPTIONS.items()
+                        if getattr(self, name) is not None})
+        if self.weight_normalization == "reference_columns" and self.normalization_columns is None:
+            options["normalization_columns"] = max(1, self.global_batch_size // data_parallel_size)
         if not self.global_contrast:
             options.pop("global_contrast")
         if not paired and self.tau is None:

@@ -5,8 +5,8 @@ A torch optimiser (RMSprop, the paper's; AdamW; SGD) wrapped by megatron-core's 
 `main_grad` that DDP accumulates, and copies back to the bf16 model); with --distributed-optimizer,
 megatron-core's `DistributedOptimizer` (AdamW; its state and the fp32 main parameters sharded over the
 data-parallel group, gradients reduce-scattered, parameters all-gathered after the step). Megatron-core computes
-the global gradient norm the model-parallel way (tensor-parallel duplicates such as norm weights counted once, summed over the
-model-parallel group) and clips by it. The schedule is a linear warmup then constant or cosine, as a torch
+the global gradient norm the model-parallel way (tensor-parallel duplicates such as norm weights counted once,
+summed over the model-parallel group) and clips by it. The schedule is a linear warmup then constant or cosine, as a torch
 `LambdaLR` on the inner optimiser.
 """
 from __future__ import annotations

@@ -144,7 +144,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("RPO_CACHE_DIR", Path.home() / ".cache" / "rpo"))
 
 
-def default_model_path() -> str:
+def default_model_path(progress: bool = False) -> str:
     from rpo.models.default_model import default_model_path as embedded
 
-    return str(embedded())
+    return str(embedded(progress=progress))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rpo.data.progress import StageProgress
+from rpo.progress import StageProgress
 from rpo.train.metrics import collective_device
 
 logger = logging.getLogger("rpo.train")

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("rpo.train")
 
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
+# Warn when a pair's effective beta is below this fraction of --beta (the row normalisation at N >= 4 columns).
+FAR_BELOW_BETA = 0.25
 TENSORBOARD_DIR = "tensorboard"
 _NOT_SCALARS = ("step",)
 
@@ -39,6 +41,7 @@ class RunReport(Callback):
         self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.is_main)
         self.bar = None  # tqdm over the steps, rank 0 with --progress-bar
         self.tracker = None
+        self.first_step: Optional[int] = None  # the first step of this run (the effective-beta notice)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: "Trainer") -> None:
@@ -48,6 +51,7 @@ class RunReport(Callback):
             elif self.metrics_log.path.exists():
                 self.metrics_log.path.unlink()  # a fresh run starts a fresh log
             self.tracker = _open_tracker(self.report_to, self.output_dir, trainer)
+        self.first_step = trainer.step + 1
         if self.is_main and self.progress_bar:
             from tqdm.auto import tqdm
 
@@ -66,6 +70,10 @@ class RunReport(Callback):
             self.bar.write(format_record(record, trainer.total_steps))
 
     def on_step_end(self, trainer: "Trainer", step: int, record: Optional[Dict[str, Any]]) -> None:
+        if self.is_main and step == self.first_step:
+            notice = effective_beta_notice(trainer.last_step_metrics, trainer.loss.options.get("beta"))
+            if notice is not None:
+                logger.log(*notice)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(_postfix(trainer.last_step_metrics), refresh=False)
@@ -130,6 +138,25 @@ def _open_tracker(report_to: str, output_dir: Path, trainer: "Trainer"):
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
+def effective_beta_notice(metrics: Dict[str, float], beta: Optional[float]) -> Optional[tuple]:
+    """(log level, message) stating the effective beta of the diagonal and of an average off-diagonal pair of the
+    run's actual (global) contrast matrix, from a step's contrast/* metrics; a warning when either is far below
+    beta. None for a loss without a contrast matrix."""
+    diagonal = metrics.get("contrast/diag_effective_beta")
+    off_diagonal = metrics.get("contrast/offdiag_effective_beta")
+    if diagonal is None or not isinstance(beta, (int, float)) or beta <= 0:
+        return None
+    parts = [f"diagonal {diagonal:.4g} ({diagonal / beta:.3g} x beta)"]
+    if off_diagonal is not None and off_diagonal > 0:
+        parts.append(f"average off-diagonal pair {off_diagonal:.4g} ({off_diagonal / beta:.3g} x beta)")
+    message = f"contrast matrix: effective beta of the {' and '.join(parts)}, beta {beta:.4g}"
+    if min(v for v in (diagonal, off_diagonal) if v is not None and v > 0) < FAR_BELOW_BETA * beta:
+        return logging.WARNING, (message + ": far below beta, so the scores stay in the sigmoid's linear part; "
+                                 "--weight-normalization mean or reference_columns keeps the scale at any matrix "
+                                 "size (docs/losses.md)")
+    return logging.INFO, message
+
+
 def _postfix(metrics: Dict[str, float]) -> Dict[str, str]:
     out = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
     if "rewards/accuracies" in metrics:

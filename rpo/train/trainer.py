@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -32,7 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from rpo.data.progress import StageProgress
+from rpo.progress import StageProgress
 from rpo.train import checkpoint as ckpt
 from rpo.train import preflight, ranks, scale
 from rpo.train.callbacks import Callback
@@ -63,6 +64,9 @@ class Trainer:
             raise TypeError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
         self.config = config.validate()
         scale.check_scale_options(self.config)
+        if self.config.plan:
+            raise ConfigError("--plan prints the memory estimate without training: run rpo-train --plan (or "
+                              "rpo.train.scale.print_memory_plan), not a Trainer")
         self.report = RunReport(Path(config.output_dir), progress_bar=config.progress_bar,
                                 report_to=config.report_to)
         self.callbacks = [self.report, *callbacks]
@@ -102,7 +106,7 @@ class Trainer:
 
         with ranks.main_first():  # rank 0 converts / downloads, the others then find the folder
             self.model_path = (preflight.resolve_model_path(cfg.model, "--model") if cfg.model
-                               else preflight.default_model_path())
+                               else preflight.default_model_path(progress=cfg.progress_bar and self.is_main))
             self.reference_path = (preflight.resolve_model_path(cfg.reference_model, "--reference-model")
                                    if cfg.reference_model else self.model_path)
         self.dataset_path = cfg.dataset or str(default_dataset_path())
@@ -307,6 +311,31 @@ class Trainer:
             inputs["process_group"] = self.dp_group
         return inputs
 
+    @torch.no_grad()
+    def _kl_inputs(self, batch: Batch) -> Dict[str, Any]:
+        """KTO's mismatched pairs of this rank's batch (rpo.data.kto_pairs), scored by the policy and the live
+        reference without gradients (z is detached), in micro-batches; {} for a loss without KL.
+
+        Built once from the whole rank batch, so z does not depend on how the step is cut into micro-batches.
+        The loss all-reduces z over the data-parallel group. Cost: one more forward of the batch's rows through
+        the policy and one through the reference per step.
+        """
+        if not self.loss.uses_kl_pairs:
+            return {}
+        from rpo.data import micro_batches
+        from rpo.data.kto_pairs import mismatched_pairs
+
+        pairs = mismatched_pairs(batch, max_length=self.config.max_length, pad_token_id=self.train_data[0].pad_token_id)
+        count = pairs["num_chosen"]
+        policy, reference = [], []
+        for mb in (micro_batches(pairs, min(self.accumulation, count)) if count else []):
+            policy.append(sequence_logps(self.ddp_model, mb, grad=False)[0])
+            reference.append(sequence_logps(self.reference, mb, grad=False)[0])
+        empty = torch.zeros(0, device=self.device)
+        return {"kl_policy_logps": torch.cat(policy) if policy else empty,
+                "kl_reference_logps": torch.cat(reference) if reference else empty,
+                "process_group": self.dp_group}
+
     def _objective(self, output, rows: int, rows_global: int) -> torch.Tensor:
         """What to back-propagate so that DDP's averaged gradient is the gradient of the global batch's loss.
 
@@ -338,12 +367,13 @@ class Trainer:
         rows_global, tokens, packed_slots, unpacked_slots = all_reduce_sum(
             [rows, int(batch["attention_mask"].sum()), *self._packed_slots(micro)], self.dp_group)
         metrics = WeightedMean()
+        kl = self._kl_inputs(batch)
         if self.two_pass:
-            self._two_pass_step(micro, rows, rows_global, metrics)
+            self._two_pass_step(micro, rows, rows_global, metrics, kl)
         else:
             for mb in micro:
                 policy, counts = sequence_logps(self.ddp_model, mb, grad=True, packing=self._pack_plan(mb))
-                inputs = self._loss_inputs(mb, policy, counts, self._reference(mb, "train"))
+                inputs = {**self._loss_inputs(mb, policy, counts, self._reference(mb, "train")), **kl}
                 output = self.loss(**inputs)
                 mb_rows = mb["num_chosen"] + mb["num_rejected"]
                 self._objective(output, mb_rows, rows_global).backward()
@@ -357,7 +387,8 @@ class Trainer:
             reduced["packing/padding_removed"] = 1.0 - packed_slots / unpacked_slots
         return reduced
 
-    def _two_pass_step(self, micro: List[Batch], rows: int, rows_global: int, metrics: WeightedMean) -> None:
+    def _two_pass_step(self, micro: List[Batch], rows: int, rows_global: int, metrics: WeightedMean,
+                       kl: Dict[str, Any]) -> None:
         from rpo.distributed import TwoPassContrast
 
         references = [self._reference(mb, "train") for mb in micro]
@@ -384,7 +415,7 @@ class Trainer:
                                               + [rejected(p, mb) for p, mb in zip(parts, micro)])
             policy = torch.cat([chosen_scores, rejected_scores])
             reference = ordered(references) if references[0] is not None else None
-            inputs = self._loss_inputs(whole, policy, ordered(counts), reference)
+            inputs = {**self._loss_inputs(whole, policy, ordered(counts), reference), **kl}
             assert inputs["policy_chosen_logps"].shape[0] == m
             output = self.loss(**inputs)
             outputs.append(output)
@@ -407,7 +438,8 @@ class Trainer:
             for index in range(len(self.eval_batcher)):
                 batch = self.eval_batcher.batch(0, index)
                 policy, counts = sequence_logps(self.ddp_model, batch, grad=False, packing=self._pack_plan(batch))
-                inputs = self._loss_inputs(batch, policy, counts, self._reference(batch, "eval"))
+                inputs = {**self._loss_inputs(batch, policy, counts, self._reference(batch, "eval")),
+                          **self._kl_inputs(batch)}
                 output = self.loss(**inputs)
                 metrics.add({"loss": output.loss, **output.metrics},
                             weight=batch["num_chosen"] + batch["num_rejected"])
@@ -575,15 +607,18 @@ def build_training_loss(config: TrainConfig, *, paired: bool = True):
     """
     from rpo.losses import LossConfigError, build_loss
 
+    # The launch's data-parallel size (the loss is built before the process group exists).
+    dp_size = max(1, int(os.environ.get("WORLD_SIZE", "1")) // config.tensor_parallel)
     try:
-        loss = build_loss(config.loss, **config.loss_build_options())
+        loss = build_loss(config.loss, **config.loss_build_options(data_parallel_size=dp_size))
         if not paired and config.tau is None and "tau" in _all_options(loss):
-            loss = build_loss(config.loss, **config.loss_build_options(paired=False))
+            loss = build_loss(config.loss, **config.loss_build_options(paired=False, data_parallel_size=dp_size))
     except LossConfigError as error:
         raise ConfigError(f"--loss {config.loss}: {error}") from None
-    if {"kl_policy_logps", "kl_reference_logps"} & loss.optional and paired and preflight.is_rank_zero():
-        logger.warning("loss %s: the trainer passes no KL (mismatched-pair) log-probs, so KTO's reference "
-                       "point z is 0", loss.name)
+    if loss.uses_kl_pairs and config.precompute_reference:
+        raise ConfigError(f"--precompute-reference: loss {loss.name!r} scores KTO's mismatched (prompt, completion) "
+                          f"pairs of every batch with the live reference model, which --precompute-reference does "
+                          f"not keep; drop --precompute-reference")
     if config.global_contrast and not loss.is_global:
         raise ConfigError(f"--global-contrast: loss {loss.name!r} has no global contrast (it does not take a "
                           f"process group); use a contrast loss such as rpo")

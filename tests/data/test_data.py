@@ -19,13 +19,13 @@ import pytest
 import torch
 
 import rpo.data.embeddings as embeddings_module
-import rpo.data.progress as progress_module
+import rpo.progress as progress_module
 from rpo.data import (BAD_ROW_REASONS, BadRowError, PreferenceBatcher, TokenizedPreferenceDataset,
                       collate_preference_batch, compute_prompt_embeddings, embedding_model_key,
                       load_preference_dataset, parse_column_mapping, resolve_embedding_model,
                       tokenize_preference_dataset)
 from rpo.data.formats import EmptyDataError, PreferenceDataset
-from rpo.data.progress import StageProgress
+from rpo.progress import StageProgress
 from rpo.data.tokenization import count_truncated_rows
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

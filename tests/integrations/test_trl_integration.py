@@ -9,7 +9,7 @@
   and the saved adapter loads with PEFT into the trained model's outputs.
 
 TRL is not a dependency of the core: where this interpreter has no trl/peft, each test runs itself in the TRL
-environment ($RPO_TRL_PYTHON, default benchmarks/results/.venv-trl/bin/python, made by `make trl-venv`) in a
+environment ($RPO_TRL_PYTHON, default benchmarks/results/.venv-trl/bin/python, e.g. `make bench-trl`'s) in a
 subprocess, and skips, naming that command, when there is no such environment either.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import trl_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 TRL_VERSION, PEFT_VERSION = "1.16.0", "0.21.2"
-# The interpreter of an environment with TRL: $RPO_TRL_PYTHON, else the one `make trl-venv` makes.
+# The interpreter of an environment with TRL: $RPO_TRL_PYTHON, else the one `make bench-trl` makes.
 TRL_PYTHON = Path(os.environ.get("RPO_TRL_PYTHON") or REPO / "benchmarks" / "results" / ".venv-trl" / "bin" / "python")
 HAVE_TRL = all(importlib.util.find_spec(name) is not None for name in ("trl", "peft"))
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
@@ -48,7 +48,7 @@ def in_trl_environment(test):
     def run_in_trl_environment(request, **_fixtures):
         if not TRL_PYTHON.is_file():
             pytest.skip(f"trl=={TRL_VERSION} and peft=={PEFT_VERSION} are not importable here and the TRL "
-                        f"environment {TRL_PYTHON} does not exist; create it with `make trl-venv`")
+                        f"environment {TRL_PYTHON} does not exist; `make install` puts them in .venv (requirements.txt)")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         result = subprocess.run([str(TRL_PYTHON), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                  request.node.nodeid], cwd=REPO, env=env, capture_output=True, text=True,

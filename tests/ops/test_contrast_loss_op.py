@@ -771,6 +771,24 @@ def test_validation_errors(case):
         _call(**overrides)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tensor", ["chosen_embeddings", "rejected_embeddings"])
+def test_non_finite_embedding_found_by_the_cpu_kernel(tensor, value):
+    # On the CPU the embeddings' finiteness is checked by the kernel while it computes their norms (a NaN loss),
+    # and only then elementwise, to name the value. 800 x 600: the bad value lies in the last of 4 row slots or
+    # in the last of 3 column-norm chunks.
+    a, b, e, f = random_inputs(800, 600, torch.float32)
+    row = 700 if tensor == "chosen_embeddings" else 590
+    (e if tensor == "chosen_embeddings" else f)[row, 3] = value
+    op_loss, _, _ = torch.ops.rpo.contrast_loss_and_grads(a, b, e, f, 0.1, 0.0, 0.5, 0.8, "embedding", "row", 0,
+                                                          1.0, True)
+    assert torch.isnan(op_loss)
+    with pytest.raises(ValueError, match=rf"contrast_loss_and_grads: {tensor} has a non-finite value "
+                                         rf"\({value}\) at row {row}, column 3 \(first of 1\)"):
+        contrast_loss_and_grads(a, b, e, f, beta=0.1, margin=0.0, tau=0.5, alpha=0.8, weighting="embedding",
+                                weight_normalization="row", loss_scale=1.0)
+
+
 PRIMITIVE_VALIDATION_CASES = {
     "diag_offset too large": (dict(diag_offset=5), r"diag_offset=5 puts the diagonal of rows 0..1 outside the N=6"),
     "diag_offset negative": (dict(diag_offset=-1), r"diag_offset=-1"),

@@ -1,4 +1,4 @@
-"""Progress of the long data stages (tokenisation, prompt embedding): a tqdm bar, or log lines.
+"""Progress of long stages (model conversion, tokenisation, prompt embedding, ...): a tqdm bar, or log lines.
 
 With ``progress=True`` (the trainer passes it on rank 0 only) a tqdm bar shows the stage; with ``progress=False``
 a log line reports it at least every ``LOG_INTERVAL_S`` seconds, so a run without a bar (``--no-progress-bar``,
