@@ -96,14 +96,17 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _run(cmd: List[str], log: Path, timeout: float) -> int:
+def _run(what: str, cmd: List[str], log: Path, timeout: float) -> tuple:
+    """(seconds, None) when `cmd` succeeded, else (seconds, why) naming its log."""
+    started = time.perf_counter()
     with open(log, "w") as out:
         try:
-            return subprocess.run(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            rc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             out.write(f"\n[alignment benchmark] timed out after {timeout:.0f} s\n")
-            return 124
+            rc = 124
+    return time.perf_counter() - started, (None if rc == 0 else f"{what} exited {rc}: see {log}")
 
 
 def _unavailable_reason(method: Method, help_text: str) -> Optional[str]:
@@ -178,20 +181,16 @@ def run_method(method: Method, args, out_dir: Path, help_text: str) -> Result:
               "--output-dir", str(run_dir / "train")]
     train = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
              "examples/train.py", *method.args, *budget]
-    started = time.perf_counter()
-    rc = _run(train, run_dir / "train.log", args.timeout)
-    result.train_s = time.perf_counter() - started
-    if rc != 0:
-        result.status, result.reason = "failed", f"training exited {rc}: see {run_dir / 'train.log'}"
+    result.train_s, failure = _run("training", train, run_dir / "train.log", args.timeout)
+    if failure:
+        result.status, result.reason = "failed", failure
         return result
     evaluate = [sys.executable, "examples/evaluate.py", "--model", str(run_dir / "train" / "final"),
                 "--run-held-out", "--reward-type", "dpo", "--beta", str(args.eval_beta),
                 "--output-json", str(run_dir / "eval.json"), "--per-example-output", str(run_dir / "held_out.jsonl")]
-    started = time.perf_counter()
-    rc = _run(evaluate, run_dir / "eval.log", args.timeout)
-    result.eval_s = time.perf_counter() - started
-    if rc != 0:
-        result.status, result.reason = "failed", f"evaluation exited {rc}: see {run_dir / 'eval.log'}"
+    result.eval_s, failure = _run("evaluation", evaluate, run_dir / "eval.log", args.timeout)
+    if failure:
+        result.status, result.reason = "failed", failure
         return result
     records = [json.loads(line) for line in (run_dir / "held_out.jsonl").read_text().splitlines()]
     paired = method.data == "paired"

@@ -21,6 +21,7 @@ import datasets
 
 from .formats import PAIRED, UNPAIRED, LoadReport, PreferenceDataset, messages_to_text
 from rpo.progress import StageProgress, datasets_progress_bars
+from rpo.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,8 @@ class TokenizedPreferenceDataset:
     def load_from_disk(cls, path: str | os.PathLike) -> TokenizedPreferenceDataset:
         path = Path(path)
         meta_path = path / "rpo_tokenized.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path}: no rpo_tokenized.json; not a folder written by save_to_disk")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')}, expected {_FORMAT_VERSION}")
+        meta = read_manifest(meta_path, version_key="format_version", version=_FORMAT_VERSION, label=str(meta_path),
+                             missing=f"{path}: no rpo_tokenized.json; not a folder written by save_to_disk")
         return cls(datasets.load_from_disk(str(path / "rows")), meta["kind"], meta["pad_token_id"],
                    TokenizeReport(**meta["report"]))
 

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from rpo.manifest import read_manifest
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FORMAT_VERSION = 1
 
@@ -209,13 +211,9 @@ def remove_partial_checkpoints(root: Path) -> None:
 
 def load_trainer_state(path: Path) -> Dict[str, Any]:
     path = Path(path)
-    state_file = path / "trainer.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (no trainer.json)")
-    state = json.loads(state_file.read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"--resume {path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
-    return state
+    return read_manifest(path / "trainer.json", version_key="format", version=FORMAT_VERSION,
+                         label=f"--resume {path}: checkpoint",
+                         missing=f"--resume {path}: not a checkpoint folder (no trainer.json)")
 
 
 def load_model_state(path: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
