@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/kernels/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-slow demo bench bench-alignment bench-trl wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
+.PHONY: install test test-slow demo bench bench-alignment bench-trl trl-venv bench-scale bench-packing bench-plan bench-related wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
 	kernel-check clean
 
 install: $(VENV)/.deps-installed $(VENV)/.ext-built
@@ -83,12 +83,33 @@ bench-alignment: install
 	$(VPY) benchmarks/alignment.py $(ALIGNMENT_ARGS)
 
 # TRL only in its own venv (third-party packages shared with .venv through a .pth file), never in .venv.
-bench-trl: install
+trl-venv: install
 	test -x $(TRL_VENV)/bin/python || $(VPY) -m venv --without-pip $(TRL_VENV)
 	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 		> "$$($(TRL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_rpo_venv_packages.pth"
 	$(VPY) -m pip --python $(TRL_VENV)/bin/python install -q trl==$(TRL_VERSION)
+
+bench-trl: trl-venv
 	$(VPY) benchmarks/trl_dpo.py --trl-python $(TRL_VENV)/bin/python
+
+# Issue 13's scale options, measured (2 cores): peak memory per rank of one SmolLM2-135M step per --recompute mode
+# and with --distributed-optimizer (DP = 2) beside TRL (~20 min, up to ~10 GB RAM: two ranks at once); tokens/s
+# with and without --packing at --max-length 512 (~15 min, ~10 GB); the memory plan against measured peaks (~3 min).
+SCALE_ARGS ?=
+PACKING_ARGS ?=
+bench-scale: trl-venv
+	$(VPY) benchmarks/scale_memory.py --trl-python $(TRL_VENV)/bin/python $(SCALE_ARGS)
+
+bench-packing: install
+	$(VPY) benchmarks/packing_throughput.py $(PACKING_ARGS)
+
+bench-plan: install
+	$(VPY) benchmarks/memory_plan.py
+
+# --batching related: off-diagonal prompt cosine of related vs random batches on the shared data, and the time to
+# build one epoch's batches of 170k rows (~2 min).
+bench-related: install
+	$(VPY) benchmarks/related_batching.py
 
 wheel-check: wheel
 	RPO_WHEEL="$$(ls dist/rpo-*.whl)" $(VPY) -m pytest -q tests/test_wheel.py

@@ -6,11 +6,15 @@ the same seeded rows (--eval-split-fraction). Each trained policy is then scored
 common yardstick, the DPO implicit reward r = beta_eval * (log pi - log pi_ref) against the starting model
 (examples/evaluate.py --run-held-out --reward-type dpo), whatever loss trained it. Reported per method:
 held-out reward accuracy and margin with 95% bootstrap intervals over held-out rows, the accuracy difference to
-dpo on the same rows (paired bootstrap), the effective beta the run logged, and the training curves (one plot).
+dpo on the same rows and the margin difference (paired bootstrap), the effective beta of the diagonal and of an
+off-diagonal pair the run logged, its mean off-diagonal prompt cosine, and the training curves (one plot).
 
     python benchmarks/alignment.py            # every method (about an hour on 2 cores)
     python benchmarks/alignment.py --quick    # dpo, rpo local, rpo global: a ~10 minute smoke run
     python benchmarks/alignment.py --methods dpo,rpo-global-mean --steps 40
+
+A run of some --methods keeps the other methods' results from the output folder's alignment.json when they were
+measured at the same budget, so the report always lists every method measured at that budget.
 
 A method whose options this checkout does not offer is reported as "unavailable" with the reason (the
 benchmark's method list is ahead of the trainer in some checkouts); it never stops the other methods.
@@ -44,6 +48,8 @@ class Method:
     precompute_reference: bool = True
 
 
+# The normalisation is named wherever it matters, so a row means the same whatever --global-contrast's default.
+ROW = ("--weight-normalization", "row")
 # The budget is the same for all: only these arguments differ between methods.
 METHODS: List[Method] = [
     Method("dpo", ["--loss", "dpo"]),
@@ -54,17 +60,22 @@ METHODS: List[Method] = [
            note="global matrix, average pair keeps the full beta"),
     Method("rpo-global-reference", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "reference_columns"],
            note="global matrix normalised to the per-GPU column count (the authors' effective beta)"),
-    Method("rpo-uniform", ["--loss", "rpo", "--global-contrast", "--weighting", "uniform"]),
-    Method("rpo-diagonal-paper", ["--loss", "rpo", "--global-contrast", "--weighting", "diagonal"],
+    Method("rpo-uniform", ["--loss", "rpo", "--global-contrast", "--weighting", "uniform", *ROW]),
+    Method("rpo-diagonal-paper", ["--loss", "rpo", "--global-contrast", "--weighting", "diagonal", *ROW],
            note="Eq. 13: alpha inside the sigmoid"),
     Method("rpo-diagonal-authors", ["--loss", "rpo", "--global-contrast", "--weighting", "diagonal",
-                                    "--contrast-form", "authors"],
+                                    "--contrast-form", "authors", *ROW],
            note="the authors' code: alpha outside the sigmoid"),
     Method("simpo", ["--loss", "simpo"]),
-    Method("simpo-rpo", ["--loss", "simpo-rpo", "--global-contrast"]),
+    Method("simpo-rpo", ["--loss", "simpo-rpo", "--global-contrast", *ROW]),
     Method("kto-unpaired", ["--loss", "kto"], data="unpaired", note="KTO with its KL reference point",
            precompute_reference=False),
-    Method("rpo-unpaired", ["--loss", "rpo", "--global-contrast"], data="unpaired"),
+    Method("rpo-unpaired", ["--loss", "rpo", "--global-contrast", *ROW], data="unpaired"),
+    # Related-prompt batches (--batching related, default --related-fraction) vs the random rows above.
+    Method("rpo-global-related", ["--loss", "rpo", "--global-contrast", "--batching", "related", *ROW],
+           note="rpo-global-row's matrix over related-prompt batches"),
+    Method("simpo-rpo-related", ["--loss", "simpo-rpo", "--global-contrast", "--batching", "related", *ROW],
+           note="simpo-rpo over related-prompt batches"),
 ]
 QUICK = ("dpo", "rpo-local", "rpo-global-row")
 
@@ -82,7 +93,12 @@ class Result:
     margin_ci: Optional[List[float]] = None
     accuracy_vs_dpo: Optional[float] = None
     accuracy_vs_dpo_ci: Optional[List[float]] = None
-    effective_beta: Optional[float] = None
+    margin_vs_dpo: Optional[float] = None
+    margin_vs_dpo_ci: Optional[List[float]] = None
+    effective_beta: Optional[float] = None  # of an average pair of the (global) matrix; dpo & co: beta
+    diag_effective_beta: Optional[float] = None
+    offdiag_effective_beta: Optional[float] = None
+    offdiag_prompt_cosine: Optional[float] = None  # mean over the training steps
     final_train_loss: Optional[float] = None
     held_out_rows: int = 0
     note: str = ""
@@ -161,51 +177,118 @@ def last_record(metrics_path: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def run_method(method: Method, args, out_dir: Path, help_text: str) -> Result:
+def train_arguments(method: Method, args, run_dir: Path) -> List[str]:
+    """examples/train.py's arguments for `method` at the benchmark's budget."""
+    dataset = SHARED_DATA / f"{method.data}.jsonl"
+    return [*method.args, "--max-steps", str(args.steps), "--global-batch-size", str(args.global_batch_size),
+            "--micro-batch-size", str(args.micro_batch_size), "--max-prompt-length", str(args.max_prompt_length),
+            "--max-length", str(args.max_length), "--eval-split-fraction", str(args.eval_fraction),
+            "--eval-every", "0", "--save-every", "0", "--lr", str(args.lr), "--seed", str(args.seed),
+            *(["--precompute-reference"] if method.precompute_reference else []), "--no-progress-bar",
+            "--dataset", str(dataset), "--output-dir", str(run_dir / "train")]
+
+
+def finished_training(run_dir: Path, arguments: List[str]) -> bool:
+    """True when run_dir/train holds a finished run (final/, metrics.jsonl, config.yaml) whose resolved config is
+    the one `arguments` give (the default model and cache: their resolved paths are not compared)."""
+    sys.path.insert(0, str(REPO))
+    from rpo.train.config import TrainConfig
+
+    train_dir = run_dir / "train"
+    if not all((train_dir / name).exists() for name in ("final", "metrics.jsonl", "config.yaml")):
+        return False
+    ours, theirs = TrainConfig.from_cli(arguments).to_dict(), TrainConfig.from_yaml(train_dir / "config.yaml").to_dict()
+    return all(ours[key] == theirs[key] for key in ours if key not in ("model", "cache_dir"))
+
+
+def train_method(method: Method, args, out_dir: Path, help_text: str) -> Result:
+    """Train `method` (or, with --reuse-finished, keep a finished training of the same config); the result's
+    status says whether it can be evaluated."""
     result = Result(method.name, note=method.note)
     reason = _unavailable_reason(method, help_text)
     if reason:
         result.status, result.reason = "unavailable", reason
         return result
     run_dir = out_dir / method.name
+    arguments = train_arguments(method, args, run_dir)
+    if args.reuse_finished and run_dir.exists() and finished_training(run_dir, arguments):
+        print(f"[alignment] {method.name}: reusing the finished training in {run_dir / 'train'}", flush=True)
+        previous = run_dir / "result.json"
+        if previous.is_file():
+            result.train_s = json.loads(previous.read_text()).get("train_s", 0.0)
+        return result
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # the benchmark's own folder: every run starts clean
+        shutil.rmtree(run_dir)  # the benchmark's own folder: a new training starts clean
     run_dir.mkdir(parents=True)
-    dataset = SHARED_DATA / f"{method.data}.jsonl"
-    budget = ["--max-steps", str(args.steps), "--global-batch-size", str(args.global_batch_size),
-              "--micro-batch-size", str(args.micro_batch_size), "--max-prompt-length", str(args.max_prompt_length),
-              "--max-length", str(args.max_length), "--eval-split-fraction", str(args.eval_fraction),
-              "--eval-every", "0", "--save-every", "0", "--lr", str(args.lr), "--seed", str(args.seed),
-              *(["--precompute-reference"] if method.precompute_reference else []), "--no-progress-bar",
-              "--dataset", str(dataset),
-              "--output-dir", str(run_dir / "train")]
     train = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-             "examples/train.py", *method.args, *budget]
+             "examples/train.py", *arguments]
     result.train_s, failure = _run("training", train, run_dir / "train.log", args.timeout)
+    (run_dir / "result.json").write_text(json.dumps({"train_s": result.train_s}))
     if failure:
         result.status, result.reason = "failed", failure
-        return result
-    evaluate = [sys.executable, "examples/evaluate.py", "--model", str(run_dir / "train" / "final"),
-                "--run-held-out", "--reward-type", "dpo", "--beta", str(args.eval_beta),
-                "--output-json", str(run_dir / "eval.json"), "--per-example-output", str(run_dir / "held_out.jsonl")]
-    result.eval_s, failure = _run("evaluation", evaluate, run_dir / "eval.log", args.timeout)
-    if failure:
-        result.status, result.reason = "failed", failure
-        return result
-    records = [json.loads(line) for line in (run_dir / "held_out.jsonl").read_text().splitlines()]
-    paired = method.data == "paired"
-    rows = held_out_arrays(records, paired)
-    result.held_out_rows = len(rows)
-    result.accuracy, result.margin = accuracy_and_margin(rows, paired)
-    result.accuracy_ci = bootstrap(rows, lambda r: accuracy_and_margin(r, paired)[0], args.bootstrap, args.seed)
-    result.margin_ci = bootstrap(rows, lambda r: accuracy_and_margin(r, paired)[1], args.bootstrap, args.seed)
-    metrics = run_dir / "train" / "metrics.jsonl"
-    record = last_record(metrics)
-    result.final_train_loss = record.get("loss")
-    beta_keys = [k for k in record if k.startswith("contrast/effective_beta")]
-    result.effective_beta = record[beta_keys[0]] if beta_keys else record.get("beta")
-    result.curve = read_curve(metrics)
     return result
+
+
+class Evaluation:
+    """The held-out evaluation of a trained method, in its own process: it overlaps the next method's training
+    (one process beside the two training ranks), which keeps the whole benchmark near an hour on 2 cores."""
+
+    def __init__(self, method: Method, result: Result, args, out_dir: Path, reuse: bool = False):
+        """`reuse`: keep a finished evaluation of this very training (--reuse-finished)."""
+        self.method, self.result, self.args = method, result, args
+        self.run_dir = out_dir / method.name
+        self.log = self.run_dir / "eval.log"
+        self.started = time.perf_counter()
+        outputs = [self.run_dir / "eval.json", self.run_dir / "held_out.jsonl"]
+        final = self.run_dir / "train" / "final"
+        self.process = None
+        if reuse and all(p.is_file() and p.stat().st_mtime >= final.stat().st_mtime for p in outputs):
+            print(f"[alignment] {method.name}: reusing its finished evaluation", flush=True)
+            return
+        command = [sys.executable, "examples/evaluate.py", "--model", str(self.run_dir / "train" / "final"),
+                   "--run-held-out", "--reward-type", "dpo", "--beta", str(args.eval_beta),
+                   "--output-json", str(self.run_dir / "eval.json"),
+                   "--per-example-output", str(self.run_dir / "held_out.jsonl")]
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+
+    def finish(self) -> Result:
+        """Wait for the evaluation and fill the result from its per-row output and the training's metrics."""
+        result, args, run_dir = self.result, self.args, self.run_dir
+        rc = 0
+        if self.process is not None:
+            try:
+                rc = self.process.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                rc = 124
+            result.eval_s = time.perf_counter() - self.started
+        if rc != 0:
+            result.status, result.reason = "failed", f"evaluation exited {rc}: see {self.log}"
+            return result
+        records = [json.loads(line) for line in (run_dir / "held_out.jsonl").read_text().splitlines()]
+        paired = self.method.data == "paired"
+        rows = held_out_arrays(records, paired)
+        result.held_out_rows = len(rows)
+        result.accuracy, result.margin = accuracy_and_margin(rows, paired)
+        result.accuracy_ci = bootstrap(rows, lambda r: accuracy_and_margin(r, paired)[0], args.bootstrap, args.seed)
+        result.margin_ci = bootstrap(rows, lambda r: accuracy_and_margin(r, paired)[1], args.bootstrap, args.seed)
+        metrics = run_dir / "train" / "metrics.jsonl"
+        record = last_record(metrics)
+        result.final_train_loss = record.get("loss")
+        result.effective_beta = record.get("contrast/effective_beta")
+        result.diag_effective_beta = record.get("contrast/diag_effective_beta")
+        result.offdiag_effective_beta = record.get("contrast/offdiag_effective_beta")
+        cosines = [json.loads(line).get("batch/offdiag_prompt_cosine") for line in metrics.read_text().splitlines()]
+        cosines = [c for c in cosines if c is not None]
+        result.offdiag_prompt_cosine = float(np.mean(cosines)) if cosines else None
+        result.curve = read_curve(metrics)
+        return result
+
+
+def _report_line(result: Result) -> None:
+    print(f"[alignment] {result.method}: {result.status} {result.reason} accuracy {result.accuracy} "
+          f"margin {result.margin} (train {result.train_s:.0f} s, eval {result.eval_s:.0f} s)", flush=True)
 
 
 def compare_to_dpo(results: List[Result], out_dir: Path, args) -> None:
@@ -229,6 +312,9 @@ def compare_to_dpo(results: List[Result], out_dir: Path, args) -> None:
         result.accuracy_vs_dpo = float(wins[:, 0].mean() - wins[:, 1].mean())
         result.accuracy_vs_dpo_ci = bootstrap(wins, lambda w: w[:, 0].mean() - w[:, 1].mean(), args.bootstrap,
                                               args.seed)
+        margins = (mine[:, 0] - mine[:, 1]) - (dpo[:, 0] - dpo[:, 1])
+        result.margin_vs_dpo = float(margins.mean())
+        result.margin_vs_dpo_ci = bootstrap(margins, lambda m: m.mean(), args.bootstrap, args.seed)
 
 
 def _interval(value, ci, digits=3) -> str:
@@ -238,17 +324,21 @@ def _interval(value, ci, digits=3) -> str:
 
 
 def format_table(results: List[Result]) -> str:
-    header = ("| method | held-out accuracy [95% CI] | held-out margin [95% CI] | acc - dpo [95% CI] | "
-              "effective beta | train loss | train s |")
-    lines = [header, "|" + "---|" * 7]
+    header = ("| method | held-out accuracy [95% CI] | held-out margin [95% CI] | accuracy − dpo [95% CI] | "
+              "margin − dpo [95% CI] | effective β diag / off-diag | off-diag prompt cosine | train loss | "
+              "train s |")
+    lines = [header, "|" + "---|" * 9]
     for r in results:
         if r.status != "ok":
-            lines.append(f"| {r.method} | {r.status}: {r.reason} | | | | | |")
+            lines.append(f"| {r.method} | {r.status}: {r.reason} | | | | | | | |")
             continue
-        beta = f"{r.effective_beta:.4g}" if isinstance(r.effective_beta, float) else "-"
+        beta = (f"{r.diag_effective_beta:.3g} / {r.offdiag_effective_beta:.3g}"
+                if isinstance(r.diag_effective_beta, float) and isinstance(r.offdiag_effective_beta, float) else "-")
+        cosine = f"{r.offdiag_prompt_cosine:.3f}" if isinstance(r.offdiag_prompt_cosine, float) else "-"
         loss = f"{r.final_train_loss:.4f}" if isinstance(r.final_train_loss, float) else "-"
         lines.append(f"| {r.method} | {_interval(r.accuracy, r.accuracy_ci)} | {_interval(r.margin, r.margin_ci)} | "
-                     f"{_interval(r.accuracy_vs_dpo, r.accuracy_vs_dpo_ci)} | {beta} | {loss} | {r.train_s:.0f} |")
+                     f"{_interval(r.accuracy_vs_dpo, r.accuracy_vs_dpo_ci)} | {_interval(r.margin_vs_dpo, r.margin_vs_dpo_ci)} | "
+                     f"{beta} | {cosine} | {loss} | {r.train_s:.0f} |")
     return "\n".join(lines)
 
 
@@ -274,6 +364,28 @@ def plot_curves(results: List[Result], path: Path) -> Optional[Path]:
     return path
 
 
+def budget_of(args) -> Dict[str, object]:
+    return {k: getattr(args, k) for k in ("steps", "global_batch_size", "micro_batch_size", "max_prompt_length",
+                                          "max_length", "eval_fraction", "eval_beta", "lr", "seed", "nproc")}
+
+
+def kept_results(report_path: Path, args, names: Sequence[str]) -> List[Result]:
+    """The other methods' results of an earlier report in the same folder at the same budget (so a subset can be
+    re-run or added: --methods), else none."""
+    if not report_path.is_file():
+        return []
+    report = json.loads(report_path.read_text())
+    if report.get("budget") != budget_of(args):
+        print(f"[alignment] {report_path} has another budget: its results are not kept", flush=True)
+        return []
+    known = {m.name for m in METHODS}
+    kept = [Result(**r) for r in report["results"] if r["method"] not in names and r["method"] in known]
+    if kept:
+        print(f"[alignment] kept from {report_path} ({report.get('date')}): {', '.join(r.method for r in kept)}",
+              flush=True)
+    return kept
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -293,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples per interval")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per training or evaluation run")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results" / "alignment"))
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="keep a method's finished training in the output folder when its config is the same "
+                             "(e.g. after an interrupted benchmark); it is evaluated again")
     return parser
 
 
@@ -305,22 +420,32 @@ def main(argv=None) -> int:
     if unknown:
         print(f"alignment.py: error: unknown method(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
-    out_dir = Path(args.output_dir)
+    out_dir = Path(args.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     help_text = subprocess.run([sys.executable, "examples/train.py", "--help"], cwd=REPO, env=_env(),
                                capture_output=True, text=True).stdout
     results = []
+    kept = kept_results(out_dir / "alignment.json", args, names)
+    pending: Optional[Evaluation] = None
     for method in (m for m in METHODS if m.name in names):
         print(f"[alignment] {method.name} ...", flush=True)
-        result = run_method(method, args, out_dir, help_text)
-        print(f"[alignment] {method.name}: {result.status} {result.reason} "
-              f"accuracy {result.accuracy} margin {result.margin} ({result.train_s:.0f} s)", flush=True)
+        result = train_method(method, args, out_dir, help_text)
+        if pending is not None:
+            _report_line(pending.finish())
+            pending = None
+        if result.status == "ok":
+            pending = Evaluation(method, result, args, out_dir, reuse=args.reuse_finished)
+        else:
+            _report_line(result)
         results.append(result)
+    if pending is not None:
+        _report_line(pending.finish())
+    order = [m.name for m in METHODS]
+    results = sorted(results + kept, key=lambda r: order.index(r.method))
     compare_to_dpo(results, out_dir, args)
     table = format_table(results)
     plot = plot_curves(results, out_dir / "curves.png")
-    budget = {k: getattr(args, k) for k in ("steps", "global_batch_size", "micro_batch_size", "max_prompt_length",
-                                            "max_length", "eval_fraction", "eval_beta", "lr", "seed", "nproc")}
+    budget = budget_of(args)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "budget": budget,
               "results": [r.__dict__ for r in results], "curves": str(plot) if plot else None}
     (out_dir / "alignment.json").write_text(json.dumps(report, indent=1))

@@ -59,15 +59,17 @@ def _worker(spec: dict) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     workdir = Path(tempfile.mkdtemp(prefix="rpo-trainer-step-"))
     trainers = {}
-    for name, loss, global_contrast, micro in spec["cases"]:
+    for name, loss, global_contrast, micro, *overrides in spec["cases"]:
+        # An optional 5th entry: further TrainConfig fields of the case (recompute, packing, optimizer, ...).
+        options = dict(optimizer=spec.get("optimizer", "rmsprop"), **(overrides[0] if overrides else {}))
         rank_batch = spec["global_batch"] // world
         config = TrainConfig(
             model=spec["model"], dataset=spec["data"], cache_dir=spec["cache"],
             output_dir=str(workdir / name.replace(" ", "_")), loss=loss, global_contrast=global_contrast,
             max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
-            global_batch_size=spec["global_batch"], micro_batch_size=rank_batch // micro, optimizer="rmsprop",
+            global_batch_size=spec["global_batch"], micro_batch_size=rank_batch // micro,
             lr=5e-7, max_steps=spec["warmup"] + spec["steps"], eval_split_fraction=0.0, save_every=0,
-            save_final=False, progress_bar=False, seed=0, dtype="float32")
+            save_final=False, progress_bar=False, seed=0, dtype="float32", **options)
         trainer = Trainer(config)
         trainer.setup()
         trainers[name] = trainer
@@ -85,7 +87,10 @@ def _worker(spec: dict) -> dict:
                 seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
             if step >= spec["warmup"]:
                 records[name].append({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": memory.peak_bytes,
-                                      "tokens": int(batch["attention_mask"].sum()), "loss": metrics["loss"]})
+                                      "start_bytes": memory.start_bytes,
+                                      "tokens": int(batch["attention_mask"].sum()),
+                                      "slots": padded_slots(batch, trainer.accumulation), "loss": metrics["loss"],
+                                      "padding_removed": metrics.get("packing/padding_removed")})
     result = {}
     for name in names:
         steps = records[name]
@@ -95,10 +100,28 @@ def _worker(spec: dict) -> dict:
                         "step_ms": [r["seconds"] * 1e3 for r in steps],
                         "step_cpu_ms": [r["cpu_seconds"] * 1e3 for r in steps],
                         "peak_extra_mib": max(r["peak_bytes"] for r in steps) / _common.MIB,
+                        # the process's whole peak resident set during a step, and its resident set before one
+                        "peak_rss_mib": max(r["start_bytes"] + r["peak_bytes"] for r in steps) / _common.MIB,
+                        "start_resident_mib": max(r["start_bytes"] for r in steps) / _common.MIB,
                         "tokens_per_step": statistics.mean(r["tokens"] for r in steps),
+                        "slots_per_step": statistics.mean(r["slots"] for r in steps),
+                        "padding_removed": _mean_or_none([r["padding_removed"] for r in steps]),
                         "resident_mib": _common.resident_bytes() / _common.MIB,
                         "last_loss": steps[-1]["loss"]}
     return result
+
+
+def padded_slots(batch: dict, micro_batches: int) -> int:
+    """Token slots (rows × length) of the unpacked forwards of `batch` cut into `micro_batches` (each trimmed to
+    its own longest row, as the trainer does): what --packing's padding_removed is relative to."""
+    from rpo.data import micro_batches as split
+
+    return sum(mb["attention_mask"].numel() for mb in split(batch, micro_batches))
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
 
 
 def loss_call_times(pairs: int, dim: int = 384, repeat: int = 300) -> dict:

@@ -39,6 +39,8 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TRL_PYTHON = _common.RESULTS_DIR / ".venv-trl" / "bin" / "python"
+# rpo's --optimizer -> TrainingArguments.optim (torch's own implementations on both sides)
+TRL_OPTIMIZERS = {"rmsprop": "rmsprop", "adamw": "adamw_torch"}
 
 
 def _trl_worker(spec: dict) -> dict:
@@ -65,7 +67,8 @@ def _trl_worker(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             seconds, cpu_seconds = time.perf_counter() - self.started, time.process_time() - self.cpu_started
             self.memory.__exit__(None, None, None)
-            records.append({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": self.memory.peak_bytes})
+            records.append({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": self.memory.peak_bytes,
+                            "start_bytes": self.memory.start_bytes})
 
     class CountingDPOTrainer(DPOTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
@@ -81,7 +84,8 @@ def _trl_worker(spec: dict) -> dict:
     output_dir = tempfile.mkdtemp(prefix="rpo-bench-trl-")
     config = DPOConfig(
         output_dir=output_dir, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-        learning_rate=5e-7, optim="rmsprop", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+        learning_rate=5e-7, optim=TRL_OPTIMIZERS[spec.get("optimizer", "rmsprop")], lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=1.0,
         beta=0.1, loss_type=["sigmoid"], max_length=spec["max_length"], max_steps=spec["warmup"] + spec["steps"],
         gradient_checkpointing=spec["gradient_checkpointing"], bf16=False, fp16=False, use_cpu=True,
         precompute_ref_log_probs=False, logging_steps=10**6, save_strategy="no", eval_strategy="no",
@@ -95,6 +99,9 @@ def _trl_worker(spec: dict) -> dict:
             "cpu_ms": statistics.median(r["cpu_seconds"] for r in timed) * 1e3,
             "step_ms": [r["seconds"] * 1e3 for r in timed],
             "peak_extra_mib": max(r["peak_bytes"] for r in timed) / _common.MIB,
+            # the process's whole peak resident set during a step, and its resident set before one
+            "peak_rss_mib": max(r["start_bytes"] + r["peak_bytes"] for r in timed) / _common.MIB,
+            "start_resident_mib": max(r["start_bytes"] for r in timed) / _common.MIB,
             "tokens_per_step": statistics.mean(timed_tokens),
             "resident_mib": _common.resident_bytes() / _common.MIB,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
@@ -136,14 +143,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=_common.default_output("trl_dpo"))
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-
-    if not args.trl_python.exists():
-        parser.error(f"{args.trl_python} does not exist: run `make bench-trl` (it creates the TRL environment)")
-    probe = subprocess.run([str(args.trl_python), "-c", "import trl; print(trl.__version__)"], capture_output=True,
+def check_trl_python(trl_python: Path, parser: argparse.ArgumentParser) -> None:
+    """parser.error unless `trl_python` exists and imports trl."""
+    if not trl_python.exists():
+        parser.error(f"{trl_python} does not exist: run `make bench-trl` (it creates the TRL environment)")
+    probe = subprocess.run([str(trl_python), "-c", "import trl; print(trl.__version__)"], capture_output=True,
                            text=True, env=_common.benchmark_env())
     if probe.returncode != 0:
-        parser.error(f"{args.trl_python} cannot import trl:\n{probe.stderr[-2000:]}")
+        parser.error(f"{trl_python} cannot import trl:\n{probe.stderr[-2000:]}")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    check_trl_python(args.trl_python, parser)
 
     assets = _common.cache_root()
     folders = {"tiny": _common.tiny_llama_folder(assets / "models", hidden=128, layers=2, heads=4, kv_heads=2,

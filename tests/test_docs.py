@@ -213,3 +213,10 @@ def test_readme_and_docs_have_python_blocks():
 
 if __name__ == "__main__":
     run_page_blocks(sys.argv[1], sys.argv[2])
+
+
+def test_training_page_lists_every_option_as_the_config_defines_it():
+    from rpo.train.config import options_table
+
+    assert options_table() in (REPO / "docs" / "training.md").read_text(), (
+        "docs/training.md's option table is stale: paste rpo.train.config.options_table()")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .related import BATCHINGS, related_paired_layout, related_rows_per_batch, related_unpaired_layout
 from .tokenization import TokenizedPreferenceDataset
 
 logger = logging.getLogger(__name__)
@@ -107,18 +108,34 @@ class PreferenceBatcher:
     chosen (label True) as rejected rows when the data allow; otherwise every row of the smaller class is used
     and spread evenly over the batches, and the log says so.
 
+    ``batching="related"`` fills a ``related_fraction`` of every rank batch with one group of related prompts
+    (rpo.data.related, from ``embeddings``; the global batch is related too) and the rest with random rows, redone
+    each epoch from (seed, epoch); the same rows sit out, and unpaired batches keep the same chosen/rejected counts,
+    as with ``batching="random"``.
+
     Iterating yields the rest of the current epoch and then moves to the next; ``state_dict()`` taken after a
     batch was yielded counts that batch as consumed, so ``load_state_dict`` resumes exactly after it.
     """
 
     def __init__(self, tokenized: TokenizedPreferenceDataset, embeddings: torch.Tensor | None, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, *, pad_to_multiple_of: int | None = None):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, *, pad_to_multiple_of: int | None = None,
+                 batching: str = "random", related_fraction: float = 0.5):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if embeddings is not None and (embeddings.dim() != 2 or embeddings.shape[0] != len(tokenized)):
             raise ValueError(f"embeddings must be [num_rows={len(tokenized)}, D], got {tuple(embeddings.shape)}")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
+        if batching == "related":
+            if embeddings is None:
+                raise ValueError("batching='related' groups rows by their prompt embeddings: pass them")
+            if world_size * related_rows_per_batch(related_fraction, batch_size) < 2:
+                raise ValueError(f"related fraction {related_fraction} of {batch_size} rows per rank x {world_size} "
+                                 f"ranks makes related groups of fewer than 2 rows; raise it or the batch size")
+        self.batching, self.related_fraction = batching, float(related_fraction)
+        self._vectors = None if batching == "random" else embeddings.detach().float().cpu().numpy()
         self.tokenized, self.embeddings = tokenized, embeddings
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -141,12 +158,15 @@ class PreferenceBatcher:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_in_epoch = epoch, 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str | float]:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size, "num_rows": len(self.tokenized)}
+                "batch_size": self.batch_size, "world_size": self.world_size, "num_rows": len(self.tokenized),
+                "batching": self.batching,
+                "related_fraction": self.related_fraction if self.batching == "related" else None}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "batch_size", "world_size", "num_rows"):
+    def load_state_dict(self, state: dict[str, int | str | float]) -> None:
+        state = {"batching": "random", "related_fraction": None, **state}  # checkpoints from before the option
+        for key in ("seed", "batch_size", "world_size", "num_rows", "batching", "related_fraction"):
             if state[key] != self.state_dict()[key]:
                 raise ValueError(f"cannot resume: saved {key}={state[key]} but this batcher has "
                                  f"{key}={self.state_dict()[key]}; the batch order would differ")
@@ -168,18 +188,20 @@ class PreferenceBatcher:
         return plan
 
     def _paired_plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        order = self._rng(epoch).permutation(len(self.tokenized))
+        rng = self._rng(epoch)
+        order = rng.permutation(len(self.tokenized))
         global_size = self.batch_size * self.world_size
         left_out = len(order) - self.num_global_batches * global_size
         if left_out and self.rank == 0:
             logger.info("epoch %d: %d of %d pairs do not fill a last global batch of %d and sit this epoch out",
                         epoch, left_out, len(order), global_size)
-        plan = []
-        for batch in range(self.num_global_batches):
-            start = batch * global_size + self.rank * self.batch_size
-            rows = order[start:start + self.batch_size]
-            plan.append((rows, rows))
-        return plan
+        used = order[:self.num_global_batches * global_size]
+        if self.batching == "related":
+            layout = related_paired_layout(self._vectors, used, self.world_size, self.batch_size,
+                                           self.related_fraction, rng)
+        else:
+            layout = used.reshape(self.num_global_batches, self.world_size, self.batch_size)
+        return [(rows, rows) for rows in layout[:, self.rank]]
 
     def _unpaired_plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         rng = self._rng(epoch)
@@ -205,11 +227,14 @@ class PreferenceBatcher:
                 logger.info("epoch %d: %d rows (%d chosen, %d rejected) do not fit the %d batches of %d and sit "
                             "this epoch out", epoch, left_out, len(chosen_rows) - total_chosen,
                             len(rejected_rows) - (slots - total_chosen), num_batches, self.batch_size)
-        plan = []
-        for batch in range(self.rank, num_batches, self.world_size):
-            plan.append((chosen_rows[chosen_offsets[batch]:chosen_offsets[batch + 1]],
-                         rejected_rows[rejected_offsets[batch]:rejected_offsets[batch + 1]]))
-        return plan
+        if self.batching == "related":
+            batches = related_unpaired_layout(self._vectors, chosen_rows[:total_chosen],
+                                              rejected_rows[:slots - total_chosen], chosen_counts,
+                                              np.diff(rejected_offsets), self.world_size, self.related_fraction, rng)
+            return batches[self.rank::self.world_size]
+        return [(chosen_rows[chosen_offsets[batch]:chosen_offsets[batch + 1]],
+                 rejected_rows[rejected_offsets[batch]:rejected_offsets[batch + 1]])
+                for batch in range(self.rank, num_batches, self.world_size)]
 
     def batch(self, epoch: int, index: int) -> dict[str, Any]:
         """Batch ``index`` of ``epoch`` for this rank (does not move the position)."""

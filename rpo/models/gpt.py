@@ -41,6 +41,7 @@ class GPTModelInfo:
     hf_config: Any
     vocab_divisible_by: int
     recompute: str = "none"  # activation recomputation in training mode, see recompute_settings
+    sequence_parallel: bool = False  # megatron sequence parallelism over the TP group, see build_gpt_model
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
@@ -126,11 +127,16 @@ def recompute_settings(recompute: str) -> dict:
 
 
 def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = torch.float32,
-                               use_te: bool = False, initialize: bool = True, recompute: str = "none"):
-    """megatron-core TransformerConfig equivalent to an HF LLaMA/Mistral config (+ activation recomputation)."""
+                               use_te: bool = False, initialize: bool = True, recompute: str = "none",
+                               sequence_parallel: bool = False):
+    """megatron-core TransformerConfig equivalent to an HF LLaMA/Mistral config (+ activation recomputation,
+    sequence parallelism)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     _check_hf_config(hf_config)
+    if sequence_parallel and tp_size < 2:
+        raise ValueError(f"sequence parallelism splits the sequence over the tensor-parallel group: it needs "
+                         f"tp_size > 1, got {tp_size}")
     recompute_fields = recompute_settings(recompute)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -164,7 +170,7 @@ def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = tor
         rotary_interleaved=False,  # HF's rotate-half RoPE
         window_size=(window - 1, 0) if (window and use_te) else None,
         tensor_model_parallel_size=tp_size,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         # The empty list is megatron's "whole layer" scope; its default "full" only warns that it is deprecated.
         cuda_graph_scope=[],
         params_dtype=dtype,
@@ -187,12 +193,15 @@ def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = tor
 
 def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = torch.float32,
                     vocab_divisible_by: int = 128, use_te: bool | None = None, initialize: bool = True,
-                    recompute: str = "none"):
+                    recompute: str = "none", sequence_parallel: bool = False):
     """Build this rank's shard of a GPTModel for `hf_config` (parallel state must be initialised).
 
     `initialize=False` skips megatron's random init (weights are about to be loaded). `use_te=None` picks
     Transformer Engine's layer spec when it is importable, else the local spec. `recompute`: activation
-    recomputation, one of RECOMPUTE_MODES (see recompute_settings).
+    recomputation, one of RECOMPUTE_MODES (see recompute_settings). `sequence_parallel`: megatron's sequence
+    parallelism (needs TP > 1): the norms and residual stream of each layer hold T/TP positions per rank; with the
+    local spec its norms are `SequenceParallelTorchNorm`. Every rpo forward (forward_hidden_states,
+    hidden_states_with_mask, full_logits) pads T to a multiple of TP and returns all T positions.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -215,11 +224,14 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     # Transformer Engine layers are always initialised: skipping init is only verified for the local layers
     # (see _mark_tensor_parallel).
     config = transformer_config_from_hf(hf_config, tp_size, dtype, use_te=use_te,
-                                        initialize=initialize or use_te, recompute=recompute)
+                                        initialize=initialize or use_te, recompute=recompute,
+                                        sequence_parallel=sequence_parallel)
     if use_te:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()  # TE's norms support sequence parallelism
     else:
         layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if sequence_parallel:
+            layer_spec = _sequence_parallel_local_spec(layer_spec, config.num_layers)
     vocab = int(hf_config.vocab_size)
     padded = padded_vocab_size(vocab, tp_size, vocab_divisible_by)
     model = GPTModel(
@@ -241,9 +253,42 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     model.rpo_info = GPTModelInfo(
         vocab_size=vocab, padded_vocab_size=padded, sliding_window=hf_sliding_window(hf_config),
         uses_te=use_te, tp_size=tp_size, dtype=dtype, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by,
-        recompute=recompute,
+        recompute=recompute, sequence_parallel=sequence_parallel,
     )
     return model
+
+
+class SequenceParallelTorchNorm:
+    """The local spec's torch norm (what megatron-core's WrappedTorchNorm builds: torch.nn.RMSNorm with the
+    config's ε) for a sequence-parallel model.
+
+    WrappedTorchNorm asserts `not config.sequence_parallel` (megatron-core 0.16.1, transformer/torch_norm.py). A
+    norm acts on each position alone, so on T/TP positions it is exact; only its weight's gradient is partial (a
+    sum over this rank's positions). The weight carries megatron's `sequence_parallel` attribute, as its fused
+    norms set it (fusions/fused_layer_norm.py), and megatron's `finalize_model_grads` sums the gradients of such
+    weights over the tensor-parallel group (`_allreduce_non_tensor_model_parallel_grads`).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"SequenceParallelTorchNorm builds RMSNorm only, got {config.normalization!r}")
+        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _sequence_parallel_local_spec(layer_spec, num_layers: int):
+    """The local layer spec with SequenceParallelTorchNorm for both norms of a layer and the final norm."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, input_layernorm=SequenceParallelTorchNorm,
+        pre_mlp_layernorm=SequenceParallelTorchNorm))
+    # A layer spec gets megatron's default final norm (WrappedTorchNorm); a block spec names its own.
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer] * num_layers, layer_norm=SequenceParallelTorchNorm))
 
 
 def _mark_tensor_parallel(model) -> None:
@@ -345,9 +390,62 @@ def hidden_states_with_mask(model, input_ids: torch.Tensor, position_ids: torch.
     """Final hidden states [T, R, hidden] for an explicit megatron attention mask [R, 1, T, T] (True = masked).
 
     The mask replaces the causal one, so it must contain it (rpo.models.packing builds block-diagonal ones).
+    With sequence parallelism every TP rank still gets all T positions (see `_sequence_parallel_inputs`); pass
+    them to the output layer inside `output_layer_on_gathered_states`.
     """
-    with _hidden_states_only(unwrap(model)):
-        return model(input_ids, position_ids, mask)
+    gpt = unwrap(model)
+    length = input_ids.shape[1]
+    input_ids, position_ids, mask = _sequence_parallel_inputs(gpt, input_ids, position_ids, mask)
+    with _hidden_states_only(gpt):
+        hidden = model(input_ids, position_ids, mask)
+    if not gpt.config.sequence_parallel:
+        return hidden
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    # The decoder's output is this rank's T'/TP positions. Gathered, the states are replicated over TP as without
+    # sequence parallelism, and so is their gradient: the output layer's input copy all-reduces it in backward
+    # (output_layer_on_gathered_states), so the gather's backward only keeps this rank's part
+    # (tensor_parallel_output_grad=False) instead of summing again.
+    hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return hidden[:length]
+
+
+def _sequence_parallel_inputs(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
+    """With sequence parallelism, (input_ids, position_ids, mask) right-padded to T' = a multiple of TP (megatron
+    splits the sequence into TP equal parts). The extra positions come after every real one and are masked as
+    keys, so no real position sees them; their own outputs are dropped by the callers. Unchanged without
+    sequence parallelism."""
+    if not gpt.config.sequence_parallel:
+        return input_ids, position_ids, mask
+    tp = gpt.config.tensor_model_parallel_size
+    length = input_ids.shape[1]
+    extra = -length % tp
+    if not extra:
+        return input_ids, position_ids, mask
+    input_ids = F.pad(input_ids, (0, extra), value=0)
+    after = torch.arange(length, length + extra, device=position_ids.device, dtype=position_ids.dtype)
+    position_ids = torch.cat([position_ids, after.expand(position_ids.shape[0], extra)], dim=1)
+    if mask is not None:
+        mask = F.pad(mask, (0, extra, 0, extra), value=True)
+    return input_ids, position_ids, mask
+
+
+@contextmanager
+def output_layer_on_gathered_states(output_layer):
+    """The output layer applied to hidden states already gathered along the sequence (hidden_states_with_mask).
+
+    With sequence parallelism megatron's ColumnParallelLinear all-gathers its input along the sequence itself;
+    on gathered states it must not. GPTModel does the same for dynamic inference: gather_from_sequence_parallel_
+    region, then `output_layer.sequence_parallel = False` for the call (models/gpt/gpt_model.py, megatron-core
+    0.16.1). The layer then copies its input to the TP region, whose backward all-reduces the input's gradient,
+    as without sequence parallelism. A no-op for a model without sequence parallelism.
+    """
+    saved = output_layer.sequence_parallel
+    output_layer.sequence_parallel = False
+    try:
+        yield output_layer
+    finally:
+        output_layer.sequence_parallel = saved
 
 
 def output_weight(model) -> torch.Tensor | None:
@@ -363,4 +461,5 @@ def full_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     rows, length = input_ids.shape
     position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(rows, length)
     mask = None if info.uses_te else attention_mask_for(attention_mask, info.sliding_window)
-    return model(input_ids, position_ids, mask)
+    # With sequence parallelism GPTModel's output layer gathers the sequence itself: only T is padded here.
+    return model(*_sequence_parallel_inputs(gpt, input_ids, position_ids, mask))[:, :length]

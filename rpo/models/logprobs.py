@@ -10,6 +10,8 @@ megatron's vocab-parallel cross-entropy and being freed at once. Under autograd 
 (non-reentrant, so the output weight's gradient still arrives once per backward, as megatron's DDP requires) and
 recomputed in backward. Peak log-prob memory is O(chunk_size × padded_vocab / TP), never the whole batch's logits.
 Padded vocabulary columns are set to the float32 minimum before the softmax, so they carry no probability.
+With megatron sequence parallelism the decoder's output (T/TP positions per rank) is gathered along the sequence
+first (rpo.models.gpt.hidden_states_with_mask), so the same positions and chunks are scored on every TP rank.
 """
 from __future__ import annotations
 
@@ -109,8 +111,11 @@ def response_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, output_layer, weight, vocab_size: int):
-    # output_layer (ColumnParallelLinear) wants [s, b, h]; one "batch" column of n selected positions.
-    logits, _ = output_layer(hidden.unsqueeze(1), weight=weight)
+    # output_layer (ColumnParallelLinear) wants [s, b, h]; one "batch" column of n selected positions, taken from
+    # states every TP rank holds in full (with sequence parallelism too: gpt.hidden_states_with_mask gathers them).
+    # Inside the checkpointed function, so that the recomputation in backward runs the layer the same way.
+    with gpt_lib.output_layer_on_gathered_states(output_layer):
+        logits, _ = output_layer(hidden.unsqueeze(1), weight=weight)
     return vocab_parallel_token_logprobs(logits, targets.unsqueeze(1), vocab_size).squeeze(1)
 
 

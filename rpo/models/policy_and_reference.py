@@ -32,12 +32,13 @@ def load_hf_config(hf_path: str | os.PathLike, trust_remote_code: bool = False):
 
 def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype | str = torch.float32,
                 vocab_divisible_by: int = 128, use_te: bool | None = None, trust_remote_code: bool = False,
-                recompute: str = "none"):
+                recompute: str = "none", sequence_parallel: bool = False):
     """(model, hf_config, tokenizer): this rank's TP shard of a GPTModel holding the HF folder's weights.
 
     Initialises torch.distributed and megatron's parallel state for `tp_size` if that has not been done.
     `recompute`: activation recomputation in training mode ("none", "selective", "full"; see
-    rpo.models.gpt.recompute_settings).
+    rpo.models.gpt.recompute_settings). `sequence_parallel`: megatron's sequence parallelism (TP > 1; see
+    rpo.models.gpt.build_gpt_model).
     """
     from megatron.core import parallel_state
     from transformers import AutoTokenizer
@@ -50,7 +51,7 @@ def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype
     hf_config = load_hf_config(hf_path, trust_remote_code)
     model = gpt_lib.build_gpt_model(hf_config, tp_size=tp_size, dtype=resolve_dtype(dtype),
                                     vocab_divisible_by=vocab_divisible_by, use_te=use_te, initialize=False,
-                                    recompute=recompute)
+                                    recompute=recompute, sequence_parallel=sequence_parallel)
     hf_checkpoint.load_hf_weights(model, hf_path)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
     return model, hf_config, tokenizer
@@ -59,13 +60,14 @@ def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype
 def reference_model(policy):
     """A frozen (eval mode, no grad) copy of `policy` with the same sharding and this rank's same weights.
 
-    It keeps no activations for backward, so it is built without recomputation whatever the policy uses.
+    It keeps no activations for backward, so it is built without recomputation whatever the policy uses; it keeps
+    the policy's sequence parallelism (the same layout of every forward).
     """
     gpt = gpt_lib.unwrap(policy)
     info = gpt_lib.model_info(gpt)
     reference = gpt_lib.build_gpt_model(info.hf_config, tp_size=info.tp_size, dtype=info.dtype,
                                         vocab_divisible_by=info.vocab_divisible_by, use_te=info.uses_te,
-                                        initialize=False)
+                                        initialize=False, sequence_parallel=info.sequence_parallel)
     state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
     missing, unexpected = reference.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

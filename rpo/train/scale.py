@@ -2,7 +2,9 @@
 
 --recompute goes to the policy's megatron TransformerConfig (rpo.models.gpt.recompute_settings); --packing to the
 log-prob calls of policy and reference (rpo.models.packing); --distributed-optimizer to megatron's DDP config and
-optimiser (rpo.train.optim); --sequence-parallel to the TransformerConfig; --plan / --gpu-memory-gb to
+optimiser (rpo.train.optim); --sequence-parallel to the TransformerConfig of policy and reference
+(rpo.models.gpt.build_gpt_model: norms that take it, the sequence padded to a multiple of TP and gathered before
+the log-probs; the trainer's finalize_model_grads sums the norm gradients over TP); --plan / --gpu-memory-gb to
 rpo.models.memory_plan.
 """
 from __future__ import annotations
@@ -14,13 +16,6 @@ from rpo.train.config import ConfigError, TrainConfig
 # megatron-core's DistributedOptimizer asserts torch's Adam/AdamW (or TE/apex FusedAdam): its checkpointing of the
 # sharded state knows only Adam's state (exp_avg, exp_avg_sq).
 DISTRIBUTED_OPTIMIZERS = ("adamw",)
-
-# Why training refuses --sequence-parallel (measured with megatron-core 0.16.1; see the report of issue 13).
-SEQUENCE_PARALLEL_UNSUPPORTED = (
-    "--sequence-parallel: only --plan estimates it; training with it is not supported yet. megatron-core's local "
-    "layer spec (used without Transformer Engine) refuses it in its torch norms (WrappedTorchNorm: 'sequence "
-    "parallel not supported by torch LayerNorm'), and rpo's log-prob path reads every position's final hidden "
-    "state on each tensor-parallel rank, which sequence parallelism shards")
 
 
 def check_scale_options(config: TrainConfig) -> None:
@@ -36,8 +31,6 @@ def check_scale_options(config: TrainConfig) -> None:
     if config.sequence_parallel and config.tensor_parallel < 2:
         raise ConfigError(f"--sequence-parallel splits the sequence over the tensor-parallel group: it needs "
                           f"--tensor-parallel > 1 (got {config.tensor_parallel})")
-    if config.sequence_parallel and not config.plan:
-        raise ConfigError(SEQUENCE_PARALLEL_UNSUPPORTED)
     for name in ("plan_gpus", "gpu_memory_gb"):
         if getattr(config, name) is not None and not config.plan:
             raise ConfigError(f"--{name.replace('_', '-')} applies with --plan only")

@@ -37,7 +37,8 @@ from rpo.progress import StageProgress
 from rpo.train import checkpoint as ckpt
 from rpo.train import preflight, ranks, scale
 from rpo.train.callbacks import Callback
-from rpo.train.config import UNPAIRED_TAU, ConfigError, TrainConfig, default_dataset_path
+from rpo.train.config import (GLOBAL_CONTRAST_NORMALIZATION, UNPAIRED_TAU, ConfigError, TrainConfig,
+                              default_dataset_path)
 from rpo.train.metrics import WeightedMean, all_reduce_sum
 from rpo.train.reference_logps import (ReferenceLogps, model_fingerprint, precompute_reference_logps,
                                       sequence_logps)
@@ -47,7 +48,7 @@ logger = logging.getLogger("rpo.train")
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 Batch = Dict[str, Any]
 
@@ -179,8 +180,12 @@ class Trainer:
         self.train_data, self.eval_data = train_set, eval_set
         if not tokenized.paired:
             self.loss = self._build_loss(paired=False)
-        self.batcher = PreferenceBatcher(tokenized, embeddings, self.rank_batch_size, self.dp_rank, self.dp_size,
-                                         cfg.seed)
+        try:
+            self.batcher = PreferenceBatcher(tokenized, embeddings, self.rank_batch_size, self.dp_rank,
+                                             self.dp_size, cfg.seed, batching=cfg.batching,
+                                             related_fraction=cfg.related_fraction)
+        except ValueError as error:  # e.g. a --related-fraction that leaves no related group
+            raise ConfigError(f"--batching {cfg.batching} --related-fraction {cfg.related_fraction}: {error}") from None
         self.eval_batcher = None
         if eval_set is not None:
             per_rank = min(cfg.eval_batch_size or cfg.micro_batch_size, len(eval_set[0]) // self.dp_size)
@@ -201,7 +206,7 @@ class Trainer:
         tokenized = tokenize_preference_dataset(dataset, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
                                                 max_length=cfg.max_length, progress=bar)
         embeddings = None
-        if self.loss.needs_embeddings:
+        if self.loss.needs_embeddings or cfg.batching == "related":
             kwargs = {"model": cfg.embedding_model} if cfg.embedding_model else {}
             embeddings = compute_prompt_embeddings(list(tokenized.rows["prompt"]),
                                                    cache_dir=self.cache_root / "prompt_embeddings", progress=bar,
@@ -227,7 +232,8 @@ class Trainer:
         cfg = self.config
         with ranks.together():
             policy, self.hf_config, _ = load_policy(self.model_path, cfg.tensor_parallel, self.dtype,
-                                                    trust_remote_code=cfg.trust_remote_code, recompute=cfg.recompute)
+                                                    trust_remote_code=cfg.trust_remote_code, recompute=cfg.recompute,
+                                                    sequence_parallel=cfg.sequence_parallel)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=cfg.distributed_optimizer)
         self.policy = policy
@@ -257,7 +263,8 @@ class Trainer:
 
         with ranks.together():
             reference, _, _ = load_policy(self.reference_path, self.config.tensor_parallel, self.dtype,
-                                          trust_remote_code=self.config.trust_remote_code)
+                                          trust_remote_code=self.config.trust_remote_code,
+                                          sequence_parallel=self.config.sequence_parallel)
         reference.requires_grad_(False)
         reference.eval()
         return reference
@@ -378,14 +385,26 @@ class Trainer:
                 mb_rows = mb["num_chosen"] + mb["num_rejected"]
                 self._objective(output, mb_rows, rows_global).backward()
                 metrics.add({"loss": output.loss, **output.metrics}, weight=mb_rows)
-        self.ddp_model.finish_grad_sync()
+        # megatron's own gradient finalisation: DDP's data-parallel reduction (finish_grad_sync), and with
+        # --sequence-parallel the sum over the TP group of the norm weights' gradients (each TP rank saw T/TP
+        # positions).
+        finalize_model_grads([self.ddp_model])
         grad_norm = self.optimizer.step()
         reduced = metrics.reduce(self.dp_group)
         step_time = time.perf_counter() - started
         reduced.update(lr=lr, grad_norm=grad_norm, step_time=step_time, tokens_per_s=tokens / step_time)
         if unpacked_slots:
             reduced["packing/padding_removed"] = 1.0 - packed_slots / unpacked_slots
+        if batch["chosen_embeddings"] is not None:
+            reduced["batch/offdiag_prompt_cosine"] = self._offdiagonal_prompt_cosine(batch)
         return reduced
+
+    def _offdiagonal_prompt_cosine(self, batch: Batch) -> float:
+        """Mean prompt cosine of the global batch's off-diagonal (chosen, rejected) pairs (what --batching did)."""
+        from rpo.data.related import mean_offdiagonal_cosine, offdiagonal_cosine_sums
+
+        sums = offdiagonal_cosine_sums(batch["chosen_embeddings"], batch["rejected_embeddings"], batch["paired"])
+        return mean_offdiagonal_cosine(torch.tensor(all_reduce_sum(sums.tolist(), self.dp_group)), batch["paired"])
 
     def _two_pass_step(self, micro: List[Batch], rows: int, rows_global: int, metrics: WeightedMean,
                        kl: Dict[str, Any]) -> None:
@@ -603,16 +622,25 @@ def build_training_loss(config: TrainConfig, *, paired: bool = True):
     """The loss of a run: rpo.losses.build_loss with the config's loss options, errors as ConfigError naming --loss.
 
     Unpaired data (`paired=False`) without --tau: a loss that takes a tau (also a term of a combination) gets
-    tau = UNPAIRED_TAU; other losses are built as for paired data.
+    tau = UNPAIRED_TAU; other losses are built as for paired data. --global-contrast without
+    --weight-normalization: a loss that takes one gets GLOBAL_CONTRAST_NORMALIZATION (except the authors' form,
+    which is defined on rows that sum to 1).
     """
     from rpo.losses import LossConfigError, build_loss
 
+    original = config
     # The launch's data-parallel size (the loss is built before the process group exists).
     dp_size = max(1, int(os.environ.get("WORLD_SIZE", "1")) // config.tensor_parallel)
     try:
         loss = build_loss(config.loss, **config.loss_build_options(data_parallel_size=dp_size))
-        if not paired and config.tau is None and "tau" in _all_options(loss):
-            loss = build_loss(config.loss, **config.loss_build_options(paired=False, data_parallel_size=dp_size))
+        options = _all_options(loss)
+        if (config.global_contrast and config.weight_normalization is None and config.contrast_form != "authors"
+                and "weight_normalization" in options):
+            config = replace(config, weight_normalization=GLOBAL_CONTRAST_NORMALIZATION)
+        unpaired_tau = not paired and config.tau is None and "tau" in options
+        if config is not original or unpaired_tau:
+            loss = build_loss(config.loss, **config.loss_build_options(paired=not unpaired_tau,
+                                                                       data_parallel_size=dp_size))
     except LossConfigError as error:
         raise ConfigError(f"--loss {config.loss}: {error}") from None
     if loss.uses_kl_pairs and config.precompute_reference:

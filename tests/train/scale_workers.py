@@ -22,6 +22,13 @@ LOSSES = ("dpo", "rpo")  # rpo = rpo --global-contrast
 VARIANTS = {"baseline": {}, "selective": dict(recompute="selective"), "full": dict(recompute="full"),
             "packing": dict(packing=True, pack_length=PACK_LENGTH)}
 MISTRAL_VARIANTS = ("baseline", "packing")
+# --sequence-parallel (TP > 1 only), alone and with the other scale options; each equals the baseline at its TP.
+SP_VARIANTS = {"sp": dict(sequence_parallel=True),
+               "sp-packing": dict(sequence_parallel=True, packing=True, pack_length=PACK_LENGTH),
+               "sp-selective": dict(sequence_parallel=True, recompute="selective"),
+               "sp-full": dict(sequence_parallel=True, recompute="full")}
+MISTRAL_SP_VARIANTS = ("sp",)
+SP_DP2_VARIANTS = ("baseline", "sp")  # TP=2 x DP=2, a launch of 4 ranks
 # Adam's first step is lr·g/(|g| + eps): a large eps keeps 1e-8 gradient differences (reduction order) at
 # 1e-7 in the parameters, so the distributed optimizer can be held to 1e-5.
 ADAMW = dict(optimizer="adamw", lr=1e-2, eps=1e-3)
@@ -83,6 +90,25 @@ def case_equivalence(workdir: Path) -> None:
                             micro_batch_size=two_micro_batches(dp), **tw.LOSSES[loss], **VARIANTS[variant])
 
 
+def case_sequence_parallel(workdir: Path) -> None:
+    """The SP variants of case_equivalence at TP=2, DP=1 (its baselines are theirs)."""
+    for loss in LOSSES:
+        for model, variants in (("llama", tuple(SP_VARIANTS)), ("mistral", MISTRAL_SP_VARIANTS)):
+            for variant in variants:
+                tw._run(workdir, run_name(model, loss, variant, 2, 1), model=str(workdir / f"tiny-{model}"),
+                        dataset=str(workdir / VARIED_DATA), tensor_parallel=2, micro_batch_size=two_micro_batches(1),
+                        **tw.LOSSES[loss], **SP_VARIANTS[variant])
+
+
+def case_sequence_parallel_dp2(workdir: Path) -> None:
+    """4 ranks: baseline and --sequence-parallel at TP=2 x DP=2, two micro-batches per rank."""
+    for loss in LOSSES:
+        for variant in SP_DP2_VARIANTS:
+            tw._run(workdir, run_name("llama", loss, variant, 2, 2), dataset=str(workdir / VARIED_DATA),
+                    tensor_parallel=2, micro_batch_size=two_micro_batches(2), **tw.LOSSES[loss],
+                    **{**VARIANTS, **SP_VARIANTS}[variant])
+
+
 def case_distributed_optimizer(workdir: Path) -> None:
     """One AdamW step with and without --distributed-optimizer at TP=1, DP=2, for dpo and rpo --global-contrast."""
     for loss in LOSSES:
@@ -116,10 +142,10 @@ def case_resume_continue(workdir: Path) -> None:
     tw._record(workdir, "distopt-resume", trainer, trainer.fit())
 
 
-def start(cases: Sequence[str], workdir: Path):
+def start(cases: Sequence[str], workdir: Path, world_size: int = 2):
     import multirank
 
-    return multirank.start(Path(__file__).resolve(), 2, args=[",".join(cases), workdir],
+    return multirank.start(Path(__file__).resolve(), world_size, args=[",".join(cases), workdir],
                            log_dir=Path(workdir) / "logs", name="+".join(cases))
 
 

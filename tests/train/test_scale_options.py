@@ -1,7 +1,9 @@
-"""The trainer's scale options (rpo.train.scale): --recompute, --packing, --distributed-optimizer, --plan.
+"""The trainer's scale options (rpo.train.scale): --recompute, --packing, --distributed-optimizer,
+--sequence-parallel, --plan.
 
 Two launches of tests/train/scale_workers.py through tests/multirank.py (2 gloo ranks; the first runs every
-equivalence case, then a distributed-optimizer run that SIGKILLs itself after step 3, the second resumes it).
+equivalence case, then a distributed-optimizer run that SIGKILLs itself after step 3, the second resumes it), and
+one of 4 ranks for --sequence-parallel at TP=2 x DP=2.
 Each option is held to the run without it (the baseline, itself checked against float64 in test_trainer.py).
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ TOLERANCE = dict(rtol=0, atol=1e-5)
 def launches(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("scale")
     sw.build_assets(workdir)
-    first = sw.start(["equivalence", "distributed_optimizer", "resume_reference", "resume_killed"], workdir)
+    first = sw.start(["equivalence", "sequence_parallel", "distributed_optimizer", "resume_reference",
+                      "resume_killed"], workdir)
     first.wait(timeout=1800).check([-9, -9])  # killed by its own ranks after step 3 of the last case
     sw.start(["resume_continue"], workdir).wait().check()
     return workdir
@@ -71,6 +74,31 @@ def test_option_leaves_the_sgd_step_unchanged(launches, model, variant, loss):
     for tp, dp in sw.TOPOLOGIES:
         assert_same_step(launches, sw.run_name(model, loss, variant, tp, dp),
                          sw.run_name(model, loss, "baseline", tp, dp), model, tw.SGD_LR)
+
+
+SP_CASES = [("llama", variant) for variant in sw.SP_VARIANTS] + [("mistral", v) for v in sw.MISTRAL_SP_VARIANTS]
+
+
+@pytest.mark.parametrize("model, variant", SP_CASES, ids=[f"{m}-{v}" for m, v in SP_CASES])
+@pytest.mark.parametrize("loss", sw.LOSSES)
+def test_sequence_parallel_leaves_the_sgd_step_unchanged(launches, model, variant, loss):
+    """TP=2, DP=1, two micro-batches (two-pass global contrast for rpo): with the sequence split over the two TP
+    ranks (alone, with --packing, with --recompute selective or full) the step is the baseline's at the same TP."""
+    assert_same_step(launches, sw.run_name(model, loss, variant, 2, 1),
+                     sw.run_name(model, loss, "baseline", 2, 1), model, tw.SGD_LR)
+
+
+@pytest.fixture(scope="module")
+def sp_dp2(launches):
+    sw.start(["sequence_parallel_dp2"], launches, world_size=4).wait().check()
+    return launches
+
+
+@pytest.mark.parametrize("loss", sw.LOSSES)
+def test_sequence_parallel_at_tp2_dp2(sp_dp2, loss):
+    """4 ranks, TP=2 x DP=2, two micro-batches per rank: the same step with and without --sequence-parallel."""
+    assert_same_step(sp_dp2, sw.run_name("llama", loss, "sp", 2, 2), sw.run_name("llama", loss, "baseline", 2, 2),
+                     "llama", tw.SGD_LR)
 
 
 def test_packing_logs_the_padding_it_removed(launches):
@@ -153,7 +181,6 @@ def test_distributed_optimizer_resume_after_sigkill_continues_exactly(launches):
     (dict(distributed_optimizer=True, optimizer="sgd"), "use --optimizer adamw (got --optimizer sgd)"),
     (dict(sequence_parallel=True), "--sequence-parallel splits the sequence over the tensor-parallel group: it "
                                    "needs --tensor-parallel > 1 (got 1)"),
-    (dict(sequence_parallel=True, tensor_parallel=2), "--sequence-parallel: only --plan estimates it"),
     (dict(gpu_memory_gb=80.0), "--gpu-memory-gb applies with --plan only"),
     (dict(plan_gpus=8), "--plan-gpus applies with --plan only"),
     (dict(plan=True), "--plan prints the memory estimate without training"),
@@ -169,8 +196,11 @@ def test_scale_options_reach_the_command_line():
                                    "--distributed-optimizer", "--optimizer", "adamw"])
     assert (config.recompute, config.packing, config.pack_length, config.distributed_optimizer) == \
         ("full", True, 1024, True)
-    from rpo.train.scale import pack_length
+    from rpo.train.scale import check_scale_options, pack_length
 
+    sequence_parallel = TrainConfig.from_cli(["--sequence-parallel", "--tensor-parallel", "2"])
+    assert sequence_parallel.sequence_parallel
+    check_scale_options(sequence_parallel)  # trained since issue 13 (test_sequence_parallel_* above)
     assert pack_length(config) == 1024
     assert pack_length(TrainConfig(packing=True, max_length=256, max_prompt_length=128)) == 256
     assert pack_length(TrainConfig()) is None
@@ -200,6 +230,6 @@ def test_plan_prints_the_memory_components_and_does_not_train(tmp_path, capsys):
     assert "fits in 80 GiB" in text
     assert main(argv + ["--gpu-memory-gb", "0.0001"]) == 0
     assert "does NOT fit in 0.0001 GiB" in capsys.readouterr().out
-    assert main(argv + ["--sequence-parallel"]) == 0  # estimated, though training refuses it (see errors above)
+    assert main(argv + ["--sequence-parallel"]) == 0
     assert "sequence parallel on" in capsys.readouterr().out
     assert not run.exists()  # nothing was trained or written

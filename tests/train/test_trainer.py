@@ -231,6 +231,7 @@ def test_resume_after_sigkill_continues_exactly(launches):
         for key in set(ours) - timing:
             assert ours[key] == theirs[key], (ours["step"], key)  # bit-identical, not merely close
     assert any("eval/loss" in r for r in resumed[2:])
+    assert all(-1 <= r["batch/offdiag_prompt_cosine"] <= 1 for r in resumed)  # --batching related was logged
     assert resumed[-1]["loss"] < resumed[0]["loss"]  # it trained (rmsprop, lr 3e-3)
     ours, info = result(launches, "resume")
     theirs, _ = result(launches, "resume-reference")
@@ -404,6 +405,26 @@ def test_loss_options_reach_only_the_loss_and_are_checked_by_it():
         Trainer(TrainConfig(loss="dpo", tau=0.5))._build_loss()
     with pytest.raises(ConfigError, match="global_contrast"):
         Trainer(TrainConfig(loss="dpo", global_contrast=True))._build_loss()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--loss", "rpo", "--global-contrast"], ("reference_columns", 32)),  # K = 64 pairs / 2 data-parallel ranks
+    (["--loss", "rpo", "--global-contrast", "--normalization-columns", "8", "--weight-normalization",
+      "reference_columns"], ("reference_columns", 8)),
+    (["--loss", "rpo", "--global-contrast", "--weight-normalization", "row"], ("row", None)),
+    (["--loss", "rpo", "--global-contrast", "--weighting", "diagonal", "--contrast-form", "authors"], ("row", None)),
+    (["--loss", "rpo"], ("row", None)),  # the per-rank matrix keeps the paper's rows
+    (["--loss", "simpo-rpo", "--global-contrast"], ("reference_columns", 32)),
+])
+def test_global_contrast_default_normalisation(monkeypatch, argv, expected):
+    from rpo.train.trainer import build_training_loss
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    options = build_training_loss(TrainConfig.from_cli(argv)).options
+    assert (options["weight_normalization"], options["normalization_columns"]) == expected
+    combined = build_training_loss(TrainConfig.from_cli(["--loss", "rpo+0.5*dpo", "--global-contrast"])).options
+    assert (combined["rpo"]["weight_normalization"], combined["rpo"]["normalization_columns"]) == (
+        "reference_columns", 32)
 
 
 def test_batch_layout_divides_or_names_the_options():

@@ -123,7 +123,9 @@ def _run(workdir: Path, name: str, **overrides):
     return trainer
 
 
-RPO = dict(loss="rpo", global_contrast=True, beta=0.1, weighting="embedding", tau=0.5)
+# Rows normalised to 1 (the paper's; --global-contrast's own default is reference_columns), as test_trainer's
+# float64 reference computes them.
+RPO = dict(loss="rpo", global_contrast=True, beta=0.1, weighting="embedding", tau=0.5, weight_normalization="row")
 # A batch-coupled global term plus a separable one: the trainer weights them differently under DP averaging.
 COMBO = dict(RPO, loss="rpo+0.5*dpo")
 LOSSES = {"dpo": dict(loss="dpo", beta=0.1), "rpo": RPO, "combo": COMBO, "kto": dict(loss="kto", beta=0.1)}
@@ -157,9 +159,10 @@ def case_variants(workdir: Path) -> None:
     _run(workdir, "dpo-bf16", dtype="bfloat16", **common)
 
 
+# Related-prompt batches here, so the killed-and-resumed run also shows that --batching related resumes exactly.
 RESUME = dict(RPO, dataset=None, optimizer="rmsprop", lr=3e-3, max_steps=6, global_batch_size=4,
               micro_batch_size=1, save_every=2, keep_checkpoints=0, grad_clip=1.0, eval_split_fraction=0.25,
-              eval_every=3)
+              eval_every=3, batching="related", related_fraction=0.5)
 
 
 def _resume_config(workdir: Path, name: str, **extra):
