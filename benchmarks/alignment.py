@@ -352,6 +352,8 @@ def plot_curves(results: List[Result], path: Path) -> Optional[Path]:
     if not shown:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax in axes:  # one colour per method (up to 20)
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for r in shown:
         axes[0].plot(r.curve["step"], r.curve["loss"], label=r.method)
         axes[1].plot(r.curve["step"], r.curve["rewards/margins"], label=r.method)
