@@ -135,6 +135,7 @@ class PreferenceBatcher:
                 raise ValueError(f"related fraction {related_fraction} of {batch_size} rows per rank x {world_size} "
                                  f"ranks makes related groups of fewer than 2 rows; raise it or the batch size")
         self.batching, self.related_fraction = batching, float(related_fraction)
+        # A view of the embeddings when they are float32 on the CPU (as the prompt-embedding cache gives them).
         self._vectors = None if batching == "random" else embeddings.detach().float().cpu().numpy()
         self.tokenized, self.embeddings = tokenized, embeddings
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed

@@ -37,6 +37,7 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
 
 # Dimensions of the space the bisection works in (MiniLM's are 384).
 PRINCIPAL_DIMENSIONS = 64
+COVARIANCE_BLOCK_ROWS = 4096
 
 
 def _principal_components(x: np.ndarray, dimensions: int) -> torch.Tensor:
@@ -46,7 +47,8 @@ def _principal_components(x: np.ndarray, dimensions: int) -> torch.Tensor:
     if x.shape[1] <= dimensions:
         return x - x.mean(0)
     centred = x - x.mean(0)
-    covariance = (centred.T.double() @ centred.double()) if len(x) < 4096 else (centred.T @ centred).double()
+    # Accumulated in float64 a block of rows at a time: exact enough for eigh, without a float64 copy of all rows.
+    covariance = sum(block.T.double() @ block.double() for block in centred.split(COVARIANCE_BLOCK_ROWS))
     _, vectors = torch.linalg.eigh(covariance)
     return centred @ vectors[:, -dimensions:].float()
 
@@ -95,7 +97,7 @@ def similarity_order(vectors: np.ndarray, rng: np.random.Generator, units: Seque
         cuts = []
         for node in np.flatnonzero(split):
             size = int(sizes[node])
-            unit = next(u_ for u_ in units + [1] if u_ < size)
+            unit = next(u_ for u_ in units if u_ < size)  # exists: a split node has more than units[-1] rows
             cuts.append(bounds[node] + unit * (-(-size // unit) // 2))
         bounds = np.unique(np.concatenate([bounds, cuts]))
 

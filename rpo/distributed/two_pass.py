@@ -11,7 +11,9 @@ independent per-microbatch losses. Instead:
 
 Cost: one extra forward per microbatch (pass 1), i.e. about +1/3 of the compute of a forward + backward step;
 peak activation memory stays that of one microbatch; the cache is 2 scalars per sequence. Pass 2 replays the RNG
-state each microbatch had in pass 1, so dropout masks agree; the forward must otherwise be deterministic.
+state each microbatch had in pass 1 (the default generators, and the named states of any `rng_state_trackers`, such
+as megatron's model-parallel RNG tracker that its attention dropout draws from), so dropout masks agree; the
+forward must otherwise be deterministic.
 """
 from __future__ import annotations
 
@@ -33,20 +35,31 @@ class TwoPassResult:
 
 
 class _ReplayableRng:
-    """RNG state (CPU and every initialised CUDA device) captured before a pass-1 forward."""
+    """RNG state (CPU, every initialised CUDA device, each tracker's named states) captured before a pass-1
+    forward."""
 
-    def __init__(self):
+    def __init__(self, trackers: Sequence[Any] = ()):
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.trackers = tuple(trackers)
+        self.tracker_states = [tracker.get_states() for tracker in self.trackers]
 
     @contextlib.contextmanager
     def replay(self):
         devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        after_pass_1 = [tracker.get_states() for tracker in self.trackers]
         with torch.random.fork_rng(devices=devices):  # restores the post-pass-1 state afterwards
             torch.set_rng_state(self.cpu)
             if self.cuda is not None:
                 torch.cuda.set_rng_state_all(self.cuda)
-            yield
+            # A copy each time: a tracker stores the dict it is given and advances its entries.
+            for tracker, states in zip(self.trackers, self.tracker_states):
+                tracker.set_states(dict(states))
+            try:
+                yield
+            finally:
+                for tracker, states in zip(self.trackers, after_pass_1):
+                    tracker.set_states(states)
 
 
 class TwoPassContrast:
@@ -63,6 +76,9 @@ class TwoPassContrast:
         rpo.distributed.data_parallel_loss_scale(dp_group) (= W) so .grad is the gradient of the global loss.
     no_sync: the DP wrapper's `no_sync` (e.g. ddp_model.no_sync); every microbatch but the last runs pass 2
         inside it, so gradients are all-reduced once per step.
+    rng_state_trackers: objects with get_states() -> dict and set_states(dict) whose named RNG states the forward
+        also draws from (megatron.core.tensor_parallel.get_cuda_rng_tracker()); replayed in pass 2 like the
+        default generators.
 
     step(microbatches) accumulates into .grad (zero it before, call optimizer.step() after) and returns a
     TwoPassResult. In a DP group every rank must call step with the same number of microbatches (a microbatch may
@@ -71,8 +87,9 @@ class TwoPassContrast:
 
     def __init__(self, score_fn: ScoreFn, loss_fn: Callable[..., torch.Tensor], *,
                  embedding_fn: Optional[EmbeddingFn] = None, loss_scale: float = 1.0,
-                 no_sync: Optional[Callable[[], ContextManager]] = None):
+                 no_sync: Optional[Callable[[], ContextManager]] = None, rng_state_trackers: Sequence[Any] = ()):
         self.score_fn = score_fn
+        self.rng_state_trackers = tuple(rng_state_trackers)
         self.loss_fn = loss_fn
         self.embedding_fn = embedding_fn
         self.loss_scale = loss_scale
@@ -104,7 +121,7 @@ class TwoPassContrast:
         cached_chosen, cached_rejected, rng_states = [], [], []
         with torch.no_grad():
             for index, microbatch in enumerate(microbatches):
-                rng_states.append(_ReplayableRng())
+                rng_states.append(_ReplayableRng(self.rng_state_trackers))
                 chosen, rejected = self._scores(microbatch, index, "pass 1")
                 cached_chosen.append(chosen.detach())
                 cached_rejected.append(rejected.detach())

@@ -15,7 +15,10 @@ import torch
 CHOSEN_KEYWORDS = ("policy_chosen_logps", "reference_chosen_logps", "chosen_lengths", "chosen_embeddings")
 REJECTED_KEYWORDS = ("policy_rejected_logps", "reference_rejected_logps", "rejected_lengths", "rejected_embeddings")
 KL_KEYWORDS = ("kl_policy_logps", "kl_reference_logps")
-BATCH_KEYWORDS = CHOSEN_KEYWORDS + REJECTED_KEYWORDS + KL_KEYWORDS + ("process_group",)
+# chosen_tokens_per_row: the chosen response tokens of the whole optimiser step (all micro-batches and data-parallel
+# ranks) per row (chosen + rejected) of it; the trainer passes it to a loss that declares it, so that a token mean
+# (sft) is that of the global batch (see SFTLoss).
+BATCH_KEYWORDS = CHOSEN_KEYWORDS + REJECTED_KEYWORDS + KL_KEYWORDS + ("process_group", "chosen_tokens_per_row")
 # A loss that needs one of these needs a reference model (or precomputed reference log-probs).
 REFERENCE_KEYWORDS = frozenset({"reference_chosen_logps", "reference_rejected_logps", "kl_reference_logps"})
 LENGTH_KEYWORDS = frozenset({"chosen_lengths", "rejected_lengths"})

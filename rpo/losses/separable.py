@@ -152,6 +152,12 @@ class KTOLoss(PreferenceLoss):
 class SFTLoss:
     """Per-token NLL of the chosen responses: −Σ_i log π(y_w,i) / Σ_i |y_w,i| (token-weighted mean).
 
+    A token mean is not a mean over rows, so it does not split over micro-batches and data-parallel ranks the way
+    the trainer weights a separable loss (rows_mb / rows_global each). The trainer therefore passes
+    `chosen_tokens_per_row`: the chosen response tokens of the whole optimiser step (every micro-batch, every DP
+    rank) per row of it (chosen + rejected rows). The loss is then written as a row mean,
+    −Σ_i log π(y_w,i) / (rows · chosen_tokens_per_row), whose row-weighted sum over the step is exactly the global
+    batch's token mean. Without it (one call on one batch) both forms are the same number.
     Not a preference loss (no rejected answers, no rewards), so not a `PreferenceLoss`.
     """
 
@@ -159,10 +165,18 @@ class SFTLoss:
 
     def __init__(self):
         self.requires = frozenset({"policy_chosen_logps", "chosen_lengths"})
-        self.optional = frozenset()
+        self.optional = frozenset({"policy_rejected_logps", "chosen_tokens_per_row"})
 
-    def __call__(self, *, policy_chosen_logps, chosen_lengths) -> LossOutput:
+    def __call__(self, *, policy_chosen_logps, chosen_lengths, policy_rejected_logps=None,
+                 chosen_tokens_per_row=None) -> LossOutput:
         if policy_chosen_logps.shape[0] == 0:
             raise LossInputError("loss 'sft': the batch has no chosen rows")
-        loss = -policy_chosen_logps.sum() / chosen_lengths.sum().to(policy_chosen_logps.dtype)
+        if chosen_tokens_per_row is None:
+            tokens = chosen_lengths.sum().to(policy_chosen_logps.dtype)
+        else:
+            if not chosen_tokens_per_row > 0:
+                raise LossInputError(f"loss 'sft': chosen_tokens_per_row must be > 0, got {chosen_tokens_per_row!r}")
+            rejected = 0 if policy_rejected_logps is None else policy_rejected_logps.shape[0]
+            tokens = (policy_chosen_logps.shape[0] + rejected) * float(chosen_tokens_per_row)
+        loss = -policy_chosen_logps.sum() / tokens
         return LossOutput(loss, {"sft/nll_per_token": loss.detach()})

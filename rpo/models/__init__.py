@@ -24,13 +24,14 @@ from rpo.models.logprobs import (
 )
 from rpo.models.packing import PackPlan, packed_sequence_logprobs, plan_packing
 from rpo.models.parallel import ParallelInfo, free_port, init_parallel, parallel_info, set_seed, teardown
-from rpo.models.policy_and_reference import load_hf_config, load_policy, reference_model, resolve_dtype
+from rpo.models.policy_and_reference import (load_gpt_model, load_hf_config, load_policy, reference_model,
+                                             resolve_dtype)
 
 __all__ = [
     "GPTModelInfo", "PackPlan", "ParallelInfo", "SequenceLogProbs", "attention_mask_for", "build_gpt_model",
     "concat_batches", "default_model_path", "forward_hidden_states", "free_port", "gather_hf_state",
-    "init_parallel", "load_hf_config", "load_hf_weights", "load_policy", "model_info", "packed_sequence_logprobs",
-    "padded_vocab_size", "parallel_info", "plan_packing", "reference_model", "resolve_dtype", "save_hf",
-    "sequence_logprobs", "sequence_logprobs_full_logits", "set_seed", "teardown", "transformer_config_from_hf",
-    "unwrap", "vocab_parallel_token_logprobs", "write_hf_folder",
+    "init_parallel", "load_gpt_model", "load_hf_config", "load_hf_weights", "load_policy", "model_info",
+    "packed_sequence_logprobs", "padded_vocab_size", "parallel_info", "plan_packing", "reference_model",
+    "resolve_dtype", "save_hf", "sequence_logprobs", "sequence_logprobs_full_logits", "set_seed", "teardown",
+    "transformer_config_from_hf", "unwrap", "vocab_parallel_token_logprobs", "write_hf_folder",
 ]

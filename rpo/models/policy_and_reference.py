@@ -40,8 +40,19 @@ def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype
     rpo.models.gpt.recompute_settings). `sequence_parallel`: megatron's sequence parallelism (TP > 1; see
     rpo.models.gpt.build_gpt_model).
     """
-    from megatron.core import parallel_state
     from transformers import AutoTokenizer
+
+    model, hf_config = load_gpt_model(hf_path, tp_size, dtype, vocab_divisible_by, use_te, trust_remote_code,
+                                      recompute, sequence_parallel)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
+    return model, hf_config, tokenizer
+
+
+def load_gpt_model(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype | str = torch.float32,
+                   vocab_divisible_by: int = 128, use_te: bool | None = None, trust_remote_code: bool = False,
+                   recompute: str = "none", sequence_parallel: bool = False):
+    """(model, hf_config): `load_policy` without the tokenizer (a reference model's folder needs none)."""
+    from megatron.core import parallel_state
 
     hf_path = Path(hf_path)
     if not (hf_path / "config.json").is_file():
@@ -53,8 +64,7 @@ def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype
                                     vocab_divisible_by=vocab_divisible_by, use_te=use_te, initialize=False,
                                     recompute=recompute, sequence_parallel=sequence_parallel)
     hf_checkpoint.load_hf_weights(model, hf_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
-    return model, hf_config, tokenizer
+    return model, hf_config
 
 
 def reference_model(policy):

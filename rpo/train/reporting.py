@@ -71,7 +71,9 @@ class RunReport(Callback):
 
     def on_step_end(self, trainer: "Trainer", step: int, record: Optional[Dict[str, Any]]) -> None:
         if self.is_main and step == self.first_step:
-            notice = effective_beta_notice(trainer.last_step_metrics, trainer.loss.options.get("beta"))
+            options = trainer.loss.options
+            notice = effective_beta_notice(trainer.last_step_metrics, options.get("beta"),
+                                           options.get("weight_normalization"))
             if notice is not None:
                 logger.log(*notice)
         if self.bar is not None:
@@ -138,10 +140,16 @@ def _open_tracker(report_to: str, output_dir: Path, trainer: "Trainer"):
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
-def effective_beta_notice(metrics: Dict[str, float], beta: Optional[float]) -> Optional[tuple]:
+def effective_beta_notice(metrics: Dict[str, float], beta: Optional[float],
+                          weight_normalization: Optional[str] = None) -> Optional[tuple]:
     """(log level, message) stating the effective beta of the diagonal and of an average off-diagonal pair of the
-    run's actual (global) contrast matrix, from a step's contrast/* metrics; a warning when either is far below
-    beta. None for a loss without a contrast matrix."""
+    run's actual (global) contrast matrix, from a step's contrast/* metrics; None for a loss without a contrast
+    matrix.
+
+    A warning when either is far below beta and the normalisation is `row` (or unknown): row-normalised weights
+    give β/N with N columns, so the scale falls as the (global) matrix grows. `reference_columns` is β/K by design
+    (the scale of a K-column matrix at any N) and `mean` keeps β: those are stated, not warned about.
+    """
     diagonal = metrics.get("contrast/diag_effective_beta")
     off_diagonal = metrics.get("contrast/offdiag_effective_beta")
     if diagonal is None or not isinstance(beta, (int, float)) or beta <= 0:
@@ -150,6 +158,8 @@ def effective_beta_notice(metrics: Dict[str, float], beta: Optional[float]) -> O
     if off_diagonal is not None and off_diagonal > 0:
         parts.append(f"average off-diagonal pair {off_diagonal:.4g} ({off_diagonal / beta:.3g} x beta)")
     message = f"contrast matrix: effective beta of the {' and '.join(parts)}, beta {beta:.4g}"
+    if weight_normalization not in (None, "row"):
+        return logging.INFO, message + f" (weight normalisation {weight_normalization})"
     if min(v for v in (diagonal, off_diagonal) if v is not None and v > 0) < FAR_BELOW_BETA * beta:
         return logging.WARNING, (message + ": far below beta, so the scores stay in the sigmoid's linear part; "
                                  "--weight-normalization mean or reference_columns keeps the scale at any matrix "

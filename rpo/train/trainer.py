@@ -259,12 +259,17 @@ class Trainer:
             self.reference_logps = ReferenceLogps(model=model, device=self.device)
 
     def _load_reference(self):
-        from rpo.models import load_policy
+        """The --reference-model folder's weights (no tokenizer needed: it scores the policy's token ids)."""
+        from rpo.models import load_gpt_model
 
         with ranks.together():
-            reference, _, _ = load_policy(self.reference_path, self.config.tensor_parallel, self.dtype,
-                                          trust_remote_code=self.config.trust_remote_code,
-                                          sequence_parallel=self.config.sequence_parallel)
+            reference, reference_config = load_gpt_model(self.reference_path, self.config.tensor_parallel,
+                                                         self.dtype, trust_remote_code=self.config.trust_remote_code,
+                                                         sequence_parallel=self.config.sequence_parallel)
+        if reference_config.vocab_size != self.hf_config.vocab_size:
+            raise ConfigError(f"--reference-model {self.config.reference_model}: its vocabulary has "
+                              f"{reference_config.vocab_size} tokens, the policy's ({self.model_path}) "
+                              f"{self.hf_config.vocab_size}; the reference must score the policy's token ids")
         reference.requires_grad_(False)
         reference.eval()
         return reference
@@ -371,16 +376,19 @@ class Trainer:
         lr = self.optimizer.lr
         micro = micro_batches(batch, self.accumulation)
         rows = batch["num_chosen"] + batch["num_rejected"]
-        rows_global, tokens, packed_slots, unpacked_slots = all_reduce_sum(
-            [rows, int(batch["attention_mask"].sum()), *self._packed_slots(micro)], self.dp_group)
+        chosen_tokens = int(batch["loss_mask"][:batch["num_chosen"]].sum())
+        rows_global, tokens, chosen_tokens_global, packed_slots, unpacked_slots = all_reduce_sum(
+            [rows, int(batch["attention_mask"].sum()), chosen_tokens, *self._packed_slots(micro)], self.dp_group)
         metrics = WeightedMean()
-        kl = self._kl_inputs(batch)
+        step_inputs = self._kl_inputs(batch)  # loss keywords of the whole step, the same for every micro-batch
+        if "chosen_tokens_per_row" in self.loss.requires | self.loss.optional:  # a token mean (sft): the step's
+            step_inputs["chosen_tokens_per_row"] = chosen_tokens_global / rows_global
         if self.two_pass:
-            self._two_pass_step(micro, rows, rows_global, metrics, kl)
+            self._two_pass_step(micro, rows, rows_global, metrics, step_inputs)
         else:
             for mb in micro:
                 policy, counts = sequence_logps(self.ddp_model, mb, grad=True, packing=self._pack_plan(mb))
-                inputs = {**self._loss_inputs(mb, policy, counts, self._reference(mb, "train")), **kl}
+                inputs = {**self._loss_inputs(mb, policy, counts, self._reference(mb, "train")), **step_inputs}
                 output = self.loss(**inputs)
                 mb_rows = mb["num_chosen"] + mb["num_rejected"]
                 self._objective(output, mb_rows, rows_global).backward()
@@ -407,7 +415,9 @@ class Trainer:
         return mean_offdiagonal_cosine(torch.tensor(all_reduce_sum(sums.tolist(), self.dp_group)), batch["paired"])
 
     def _two_pass_step(self, micro: List[Batch], rows: int, rows_global: int, metrics: WeightedMean,
-                       kl: Dict[str, Any]) -> None:
+                       step_inputs: Dict[str, Any]) -> None:
+        from megatron.core import tensor_parallel
+
         from rpo.distributed import TwoPassContrast
 
         references = [self._reference(mb, "train") for mb in micro]
@@ -434,13 +444,14 @@ class Trainer:
                                               + [rejected(p, mb) for p, mb in zip(parts, micro)])
             policy = torch.cat([chosen_scores, rejected_scores])
             reference = ordered(references) if references[0] is not None else None
-            inputs = {**self._loss_inputs(whole, policy, ordered(counts), reference), **kl}
+            inputs = {**self._loss_inputs(whole, policy, ordered(counts), reference), **step_inputs}
             assert inputs["policy_chosen_logps"].shape[0] == m
             output = self.loss(**inputs)
             outputs.append(output)
             return self._objective(output, rows, rows_global)
 
-        TwoPassContrast(scores, step_loss).step(micro)
+        # Attention dropout draws from megatron's model-parallel RNG tracker: replayed in pass 2 too.
+        TwoPassContrast(scores, step_loss, rng_state_trackers=[tensor_parallel.get_cuda_rng_tracker()]).step(micro)
         output = outputs[-1]
         metrics.add({"loss": output.loss, **output.metrics}, weight=rows)
 

@@ -326,6 +326,56 @@ def test_two_pass_replays_dropout_masks():
         torch.testing.assert_close(model.get_parameter(name).grad, 3.0 * grad, **TOLERANCE, msg=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the tracker holds CUDA states there, this model's dropout "
+                    "draws from the CPU generator")
+def test_two_pass_replays_megatron_rng_tracker_states():
+    """Dropout drawn from megatron's model-parallel RNG tracker, as megatron's attention dropout is (inside
+    get_cuda_rng_tracker().fork()): pass 2 sees pass 1's masks when the tracker is passed, and not without it."""
+    from megatron.core import tensor_parallel
+
+    from rpo.compat import megatron_cpu
+
+    megatron_cpu.apply()  # without CUDA the tracker's named states are CPU generator states
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    microbatches = workers.model_batch()[0] + workers.model_batch()[1]
+    options = dict(workers.MODEL_LOSS_OPTIONS)
+
+    def tracked_scores(model, microbatch):
+        with tracker.fork():
+            return workers.model_scores(model, microbatch)
+
+    def fresh_model():
+        tracker.reset()
+        tracker.add("model-parallel-rng", 321)
+        torch.manual_seed(5)  # the default generator: the same in both passes either way
+        return workers.make_model(dropout=0.5)
+
+    model = fresh_model()
+    scores = [tracked_scores(model, mb) for mb in microbatches]
+    loss = reference_loss(torch.cat([c for c, _ in scores]), torch.cat([r for _, r in scores]),
+                          chosen_embeddings=torch.cat([mb["chosen_embeddings"] for mb in microbatches]),
+                          rejected_embeddings=torch.cat([mb["rejected_embeddings"] for mb in microbatches]),
+                          **options)
+    loss.backward()
+    expected = workers.parameter_grads(model)
+    after_reference = tracker.get_states()["model-parallel-rng"]
+
+    for trackers in ([tracker], []):
+        model = fresh_model()
+        two_pass = TwoPassContrast(functools.partial(tracked_scores, model),
+                                   functools.partial(reference_loss, **options), embedding_fn=workers.model_embeddings,
+                                   rng_state_trackers=trackers)
+        step = two_pass.step(microbatches)
+        torch.testing.assert_close(step.loss, loss.detach(), **TOLERANCE)  # pass 1 draws what the reference drew
+        differences = [(model.get_parameter(name).grad - grad).abs().max().item() for name, grad in expected.items()]
+        if trackers:
+            assert max(differences) < 1e-12
+            # the tracker ends where pass 1 left it, as the default generator does
+            assert torch.equal(tracker.get_states()["model-parallel-rng"], after_reference)
+        else:
+            assert max(differences) > 1e-3  # other masks in pass 2: the gradient of another forward
+
+
 def test_two_pass_rejects_inconsistent_score_fn():
     calls = []
 

@@ -228,6 +228,35 @@ def test_sft_value_and_gradient(extreme):
     assert_matches(output, grads, -batch["policy_chosen_logps"].detach().sum() / tokens, expected_grads)
 
 
+def test_sft_split_with_the_steps_tokens_per_row_sums_to_the_whole_batch_token_mean():
+    """The trainer weights each micro-batch / rank's separable loss by its share of the step's rows; with
+    chosen_tokens_per_row, sft's shares sum to the token mean of the whole batch, however unequal the token counts
+    of the parts (without it they would sum to a mean of per-part token means)."""
+    batch = make_batch(6, 6, seed=31)
+    lengths = batch["chosen_lengths"].clone()
+    lengths[:2] = 100  # the first part holds many more tokens per row than the second
+    logps = batch["policy_chosen_logps"]
+    whole = -logps.sum() / lengths.double().sum()
+    rows = 12
+    per_row = lengths.sum().item() / rows
+    parts = [slice(0, 2), slice(2, 6)]
+    weighted = per_part_means = 0
+    for part in parts:
+        inputs = {"policy_chosen_logps": logps[part], "chosen_lengths": lengths[part],
+                  "policy_rejected_logps": batch["policy_rejected_logps"][part]}
+        part_rows = 2 * (part.stop - part.start)
+        weighted = weighted + build_loss("sft")(**inputs, chosen_tokens_per_row=per_row).loss * part_rows / rows
+        per_part_means = per_part_means + build_loss("sft")(**inputs).loss * part_rows / rows
+    torch.testing.assert_close(weighted, whole, rtol=1e-12, atol=0)
+    assert abs(per_part_means - whole) > 1e-3  # the old weighting was not the token mean
+    # One call on the whole batch: both forms agree.
+    inputs = {key: batch[key] for key in ("policy_chosen_logps", "policy_rejected_logps")}
+    torch.testing.assert_close(build_loss("sft")(**inputs, chosen_lengths=lengths, chosen_tokens_per_row=per_row).loss,
+                               whole, rtol=1e-12, atol=0)
+    with pytest.raises(LossInputError, match="chosen_tokens_per_row must be > 0"):
+        build_loss("sft")(**inputs, chosen_lengths=lengths, chosen_tokens_per_row=0.0)
+
+
 # --- contrast losses ---------------------------------------------------------------------------------------------
 
 RPO_CASES = [  # rows, columns, weighting, normalization, margin, extreme
@@ -765,4 +794,4 @@ def test_batch_keywords_are_the_documented_set():
     assert set(BATCH_KEYWORDS) == {
         "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
         "chosen_lengths", "rejected_lengths", "chosen_embeddings", "rejected_embeddings", "kl_policy_logps",
-        "kl_reference_logps", "process_group"}
+        "kl_reference_logps", "process_group", "chosen_tokens_per_row"}

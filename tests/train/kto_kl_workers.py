@@ -27,7 +27,7 @@ UNPAIRED_DATA = f"unpaired{base.UNPAIRED_ROWS}.jsonl"
 def build_assets(workdir: Path) -> Dict[str, Path]:
     """trainer_workers' assets plus the reference model (REFERENCE_MODEL, see above) under workdir."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     paths = base.build_assets(workdir)
     model = AutoModelForCausalLM.from_pretrained(paths["model"])
@@ -37,8 +37,7 @@ def build_assets(workdir: Path) -> Dict[str, Path]:
             param.add_(NOISE_SCALE * torch.randn(param.shape, generator=generator))
         model.lm_head.weight.mul_(REFERENCE_LOGIT_SCALE)
     paths["reference_model"] = workdir / REFERENCE_MODEL
-    model.save_pretrained(paths["reference_model"])
-    AutoTokenizer.from_pretrained(paths["model"]).save_pretrained(paths["reference_model"])  # load_policy reads it
+    model.save_pretrained(paths["reference_model"])  # weights and config only: a reference needs no tokenizer
     return paths
 
 

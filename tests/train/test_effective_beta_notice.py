@@ -42,6 +42,15 @@ def test_reference_columns_keeps_the_per_rank_scale():
     metrics = _metrics(64, weight_normalization="reference_columns", normalization_columns=8)
     assert metrics["contrast/diag_effective_beta"] == pytest.approx(BETA / 8, rel=1e-6)  # metrics are float32
     assert metrics["contrast/diag_effective_beta"] == pytest.approx(_metrics(8)["contrast/diag_effective_beta"])
+    # beta/8 is below FAR_BELOW_BETA x beta, but it is the chosen scale (--global-contrast's default), not a
+    # matrix that shrinks beta as it grows: stated, not warned about; without the normalisation's name it warns.
+    assert BETA / 8 < FAR_BELOW_BETA * BETA
+    level, message = effective_beta_notice(metrics, BETA, "reference_columns")
+    assert level == logging.INFO and "far below" not in message and "reference_columns" in message
+    level, _ = effective_beta_notice(metrics, BETA)
+    assert level == logging.WARNING
+    level, message = effective_beta_notice(_metrics(8), BETA, "row")
+    assert level == logging.WARNING and "far below beta" in message
 
 
 def test_no_notice_without_a_contrast_matrix():

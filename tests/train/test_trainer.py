@@ -122,15 +122,18 @@ def reference_step(workdir: Path, loss_name: str, kind: str = "paired"):
     inputs = reference_inputs(workdir, kind)
     model = AutoModelForCausalLM.from_pretrained(workdir / "tiny-llama", dtype=torch.float64,
                                                  attn_implementation="eager")
-    rewards = {}
+    rewards, policy = {}, {}
     for side, (answers, _) in inputs.items():
-        policy = torch.stack([sequence_logp64(model, ids, mask) for ids, mask in answers])
-        rewards[side] = BETA * (policy - policy.detach())  # the reference model is the starting policy
+        policy[side] = torch.stack([sequence_logp64(model, ids, mask) for ids, mask in answers])
+        rewards[side] = BETA * (policy[side] - policy[side].detach())  # the reference model is the starting policy
     chosen, rejected = rewards["chosen"], rewards["rejected"]
     embeddings = (inputs["chosen"][1], inputs["rejected"][1])
+    # sft: the token mean of the whole batch's chosen responses
+    chosen_tokens = sum(int(mask[1:].sum()) for _, mask in inputs["chosen"][0])
     loss = {"dpo": lambda: dpo64(chosen, rejected),
             "rpo": lambda: rpo64(chosen, rejected, *embeddings),
-            "combo": lambda: rpo64(chosen, rejected, *embeddings) + 0.5 * dpo64(chosen, rejected),
+            "combo": lambda: (rpo64(chosen, rejected, *embeddings) + 0.5 * dpo64(chosen, rejected)
+                              - 0.2 * policy["chosen"].sum() / chosen_tokens),
             "kto": lambda: kto64(chosen, rejected)}[loss_name]()
     loss.backward()
     grads = {name: p.grad.float() for name, p in model.named_parameters()}
@@ -173,7 +176,7 @@ def check_step(workdir: Path, name: str, reference) -> None:
 @pytest.mark.parametrize("loss_name", ["dpo", "rpo", "combo"])
 def test_one_sgd_step_equals_float64_reference_on_every_topology(launches, references, loss_name):
     """TP=1/DP=1 full batch, TP=2, DP=2, and two micro-batches per rank (gradient accumulation; the two-pass path
-    for the batch-coupled rpo and rpo+0.5*dpo) all take the float64 single-process step."""
+    for the batch-coupled rpo and rpo+0.5*dpo+0.2*sft) all take the float64 single-process step."""
     reference = references[(loss_name, "paired")]
     assert max(g.abs().max().item() for g in reference[1].values()) > 1e-3  # the step is not trivially zero
     for variant in VARIANTS:

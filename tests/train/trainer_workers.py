@@ -39,7 +39,12 @@ def build_assets(workdir: Path) -> Dict[str, Path]:
     rows = [json.loads(line) for line in (SHARED_DATA / "paired.jsonl").read_text().splitlines()[:RUN_ROWS]]
     paths = {"model": workdir / "tiny-llama", "equivalence_data": workdir / f"paired{EQUIVALENCE_ROWS}.jsonl",
              "run_data": workdir / f"paired{RUN_ROWS}.jsonl", "cache": workdir / "cache"}
-    paths["equivalence_data"].write_text("".join(json.dumps(r) + "\n" for r in rows[:EQUIVALENCE_ROWS]))
+    # Chosen answers of unequal lengths (most answers fill MAX_LENGTH), so that token means (sft) differ between
+    # micro-batches and ranks.
+    equivalence = [dict(r, chosen=r["chosen"][:-1] + [dict(r["chosen"][-1],
+                                                           content=r["chosen"][-1]["content"][:12 + 9 * i])])
+                   for i, r in enumerate(rows[:EQUIVALENCE_ROWS])]
+    paths["equivalence_data"].write_text("".join(json.dumps(r) + "\n" for r in equivalence))
     paths["run_data"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     unpaired = (SHARED_DATA / "unpaired.jsonl").read_text().splitlines()[:UNPAIRED_ROWS]
     paths["unpaired_data"] = workdir / f"unpaired{UNPAIRED_ROWS}.jsonl"
@@ -126,14 +131,15 @@ def _run(workdir: Path, name: str, **overrides):
 # Rows normalised to 1 (the paper's; --global-contrast's own default is reference_columns), as test_trainer's
 # float64 reference computes them.
 RPO = dict(loss="rpo", global_contrast=True, beta=0.1, weighting="embedding", tau=0.5, weight_normalization="row")
-# A batch-coupled global term plus a separable one: the trainer weights them differently under DP averaging.
-COMBO = dict(RPO, loss="rpo+0.5*dpo")
+# A batch-coupled global term plus two separable ones, a row mean (dpo) and a token mean (sft): the trainer weights
+# each differently under micro-batching and DP averaging.
+COMBO = dict(RPO, loss="rpo+0.5*dpo+0.2*sft")
 LOSSES = {"dpo": dict(loss="dpo", beta=0.1), "rpo": RPO, "combo": COMBO, "kto": dict(loss="kto", beta=0.1)}
 
 
 def case_equivalence(workdir: Path, tp: int, dp: int) -> None:
-    """One SGD step of dpo, rpo --global-contrast and rpo+0.5*dpo on the 8-pair batch at this topology, plus the
-    micro-batched (gradient accumulation / two-pass) variants."""
+    """One SGD step of dpo, rpo --global-contrast and rpo+0.5*dpo+0.2*sft on the 8-pair batch at this topology, plus
+    the micro-batched (gradient accumulation / two-pass) variants."""
     tag = f"tp{tp}dp{dp}"
     whole = EQUIVALENCE_ROWS // dp  # one micro-batch per rank
     for name in ("dpo", "rpo", "combo"):
