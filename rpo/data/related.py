@@ -145,8 +145,8 @@ def related_unpaired_layout(embeddings: np.ndarray, chosen_rows: np.ndarray, rej
     num_related_chosen = int(related_chosen.sum())
     union = np.concatenate([chosen_rows[:num_related_chosen], rejected_rows[:related_rejected.sum()]])
     k = related_rows_per_batch(fraction, int(chosen_counts[0] + rejected_counts[0]))
-    union = union[similarity_order(embeddings[union], rng, (world_size * max(k, 1), max(k, 1)))]
-    is_chosen = np.isin(union, chosen_rows[:num_related_chosen])
+    order = similarity_order(embeddings[union], rng, (world_size * max(k, 1), max(k, 1)))
+    union, is_chosen = union[order], order < num_related_chosen  # the chosen rows come first in `union`
 
     def deal(rows: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
         return np.split(rows, np.cumsum(counts)[:-1])

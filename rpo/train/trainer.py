@@ -368,6 +368,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> Dict[str, Any]:
         """One optimiser step on this rank's slice of the global batch; returns the step's reduced metrics."""
         from rpo.data import micro_batches
+        from rpo.data.related import mean_offdiagonal_cosine, offdiagonal_cosine_sums
 
         started = time.perf_counter()
         self.ddp_model.train()
@@ -377,8 +378,12 @@ class Trainer:
         micro = micro_batches(batch, self.accumulation)
         rows = batch["num_chosen"] + batch["num_rejected"]
         chosen_tokens = int(batch["loss_mask"][:batch["num_chosen"]].sum())
-        rows_global, tokens, chosen_tokens_global, packed_slots, unpacked_slots = all_reduce_sum(
-            [rows, int(batch["attention_mask"].sum()), chosen_tokens, *self._packed_slots(micro)], self.dp_group)
+        # What --batching did: the global batch's off-diagonal prompt cosine, from per-rank sums (same collective).
+        cosine_sums = ([] if batch["chosen_embeddings"] is None else offdiagonal_cosine_sums(
+            batch["chosen_embeddings"], batch["rejected_embeddings"], batch["paired"]).tolist())
+        rows_global, tokens, chosen_tokens_global, packed_slots, unpacked_slots, *cosine_sums = all_reduce_sum(
+            [rows, int(batch["attention_mask"].sum()), chosen_tokens, *self._packed_slots(micro), *cosine_sums],
+            self.dp_group)
         metrics = WeightedMean()
         step_inputs = self._kl_inputs(batch)  # loss keywords of the whole step, the same for every micro-batch
         if "chosen_tokens_per_row" in self.loss.requires | self.loss.optional:  # a token mean (sft): the step's
@@ -403,16 +408,9 @@ class Trainer:
         reduced.update(lr=lr, grad_norm=grad_norm, step_time=step_time, tokens_per_s=tokens / step_time)
         if unpacked_slots:
             reduced["packing/padding_removed"] = 1.0 - packed_slots / unpacked_slots
-        if batch["chosen_embeddings"] is not None:
-            reduced["batch/offdiag_prompt_cosine"] = self._offdiagonal_prompt_cosine(batch)
+        if cosine_sums:
+            reduced["batch/offdiag_prompt_cosine"] = mean_offdiagonal_cosine(torch.tensor(cosine_sums), batch["paired"])
         return reduced
-
-    def _offdiagonal_prompt_cosine(self, batch: Batch) -> float:
-        """Mean prompt cosine of the global batch's off-diagonal (chosen, rejected) pairs (what --batching did)."""
-        from rpo.data.related import mean_offdiagonal_cosine, offdiagonal_cosine_sums
-
-        sums = offdiagonal_cosine_sums(batch["chosen_embeddings"], batch["rejected_embeddings"], batch["paired"])
-        return mean_offdiagonal_cosine(torch.tensor(all_reduce_sum(sums.tolist(), self.dp_group)), batch["paired"])
 
     def _two_pass_step(self, micro: List[Batch], rows: int, rows_global: int, metrics: WeightedMean,
                        step_inputs: Dict[str, Any]) -> None:
