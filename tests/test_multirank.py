@@ -54,3 +54,27 @@ def test_expected_exit_codes_and_bad_arguments(tmp_path):
         multirank.start(PROBE, 0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         multirank.start(tmp_path / "missing.py", 2)
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    # A port from bind(0) is ephemeral: until the rank binds it, the kernel may hand it to any outgoing
+    # connection of a concurrent launch (CI saw EADDRINUSE). Chosen ports must stay below that range.
+    from rpo.models import parallel
+
+    low, _ = parallel._ephemeral_port_range()
+    ports = [multirank.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(parallel._LOWEST_CHOSEN_PORT <= port < low for port in ports)
+    assert all(parallel._bindable(port) for port in ports[-20:])
+
+
+def test_free_port_falls_back_to_the_kernel_when_the_range_leaves_no_room(tmp_path, monkeypatch):
+    from rpo.models import parallel
+
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text("10500\t60999\n")
+    monkeypatch.setattr(parallel, "_EPHEMERAL_RANGE_FILE", str(range_file))
+    assert parallel._ephemeral_port_range() == (10500, 60999)
+    ports = [parallel.free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(port >= 10500 for port in ports)

@@ -30,11 +30,53 @@ class ParallelInfo:
     dp_rank: int
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_CHOSEN_PORT = 10000
+_ports_handed_out: set[int] = set()
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        with open(_EPHEMERAL_RANGE_FILE) as f:
+            low, high = (int(field) for field in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a local rendezvous, below the kernel's ephemeral range.
+
+    Why below: the port is released before the rank that listens on it binds it. A port the kernel picked for
+    bind(0) is an ephemeral one, and in that gap the kernel may give it to any outgoing connection (gloo opens
+    many; concurrent launches then failed with EADDRINUSE). Below the range only another explicit choice can
+    take it; candidates are drawn from the OS's randomness (not the seeded `random`, which every rank and
+    process would replay) and this process never hands the same port out twice.
+    """
+    low, _ = _ephemeral_port_range()
+    draw = random.SystemRandom()
+    if low - _LOWEST_CHOSEN_PORT >= 1000:
+        for _ in range(200):
+            port = draw.randrange(_LOWEST_CHOSEN_PORT, low)
+            if port not in _ports_handed_out and _bindable(port):
+                _ports_handed_out.add(port)
+                return port
+    while True:  # an unusual ephemeral range (or all tries taken): the kernel's choice
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
