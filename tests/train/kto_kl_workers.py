@@ -17,6 +17,8 @@ from typing import Dict
 import trainer_workers as base
 
 REFERENCE_MODEL = "tiny-llama-reference"
+OTHER_VOCABULARY_MODEL = "tiny-llama-other-vocabulary"  # the reference with 8 more token rows
+EXTRA_VOCABULARY = 8
 # The reference: the policy with seeded noise on every weight, and a sharper output layer (logits x 2). On
 # sequences the random model did not learn, a flatter policy gives them more log-probability than the sharper
 # reference, so the mismatched pairs' mean log-ratio z is positive (the test checks z > 0 in float64).
@@ -38,6 +40,9 @@ def build_assets(workdir: Path) -> Dict[str, Path]:
         model.lm_head.weight.mul_(REFERENCE_LOGIT_SCALE)
     paths["reference_model"] = workdir / REFERENCE_MODEL
     model.save_pretrained(paths["reference_model"])  # weights and config only: a reference needs no tokenizer
+    model.resize_token_embeddings(model.config.vocab_size + EXTRA_VOCABULARY)
+    paths["other_vocabulary_model"] = workdir / OTHER_VOCABULARY_MODEL
+    model.save_pretrained(paths["other_vocabulary_model"])
     return paths
 
 
@@ -96,10 +101,30 @@ def _run_recorded(workdir: Path, name: str, **overrides) -> None:
                                                                         "calls": trainer.loss.calls}))
 
 
+def _record_reference_vocabulary_error(workdir: Path) -> None:
+    """Set up with a --reference-model whose vocabulary is not the policy's; record the ConfigError's text."""
+    from rpo.train import ConfigError, Trainer
+
+    trainer = Trainer(base.base_config(workdir, "kto-other-vocabulary", loss="kto", beta=0.1,
+                                       reference_model=str(workdir / OTHER_VOCABULARY_MODEL),
+                                       dataset=str(workdir / UNPAIRED_DATA), global_batch_size=base.UNPAIRED_ROWS,
+                                       micro_batch_size=base.UNPAIRED_ROWS))
+    try:
+        trainer.setup()
+        message = None
+    except ConfigError as error:
+        message = str(error)
+    out = workdir / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kto-other-vocabulary.json").write_text(json.dumps({"error": message}))
+
+
 def runs_dp1(workdir: Path) -> None:
-    """One rank: the 12 unpaired examples in one micro-batch, and in two."""
+    """One rank: the 12 unpaired examples in one micro-batch, and in two; then (last, as it fails in set-up) a
+    reference of another vocabulary."""
     _run_recorded(workdir, "kto-kl-dp1", micro_batch_size=base.UNPAIRED_ROWS)
     _run_recorded(workdir, "kto-kl-dp1-accum", micro_batch_size=base.UNPAIRED_ROWS // 2)
+    _record_reference_vocabulary_error(workdir)
 
 
 def runs_dp2(workdir: Path) -> None:

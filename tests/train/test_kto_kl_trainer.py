@@ -149,3 +149,15 @@ def test_kto_kl_refuses_precomputed_reference():
         with pytest.raises(ConfigError, match="--precompute-reference"):
             build_training_loss(TrainConfig(loss="kto", precompute_reference=True), paired=paired)
     assert build_training_loss(TrainConfig(loss="dpo", precompute_reference=True)).name == "dpo"
+
+
+def test_a_reference_of_another_vocabulary_is_refused_naming_the_option(launches):
+    """A --reference-model must score the policy's token ids: 8 more vocabulary rows are a ConfigError."""
+    from transformers import AutoConfig
+
+    record = json.loads((launches / "results" / "kto-other-vocabulary.json").read_text())
+    policy_vocab = AutoConfig.from_pretrained(launches / "tiny-llama").vocab_size
+    assert record["error"] is not None
+    assert record["error"].startswith(f"--reference-model {launches / workers.OTHER_VOCABULARY_MODEL}: its vocabulary "
+                                      f"has {policy_vocab + workers.EXTRA_VOCABULARY} tokens")
+    assert f"the policy's ({launches / 'tiny-llama'}) {policy_vocab};" in record["error"]
