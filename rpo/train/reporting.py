@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from rpo.train.callbacks import Callback
 from rpo.train.metrics import MetricsLog, plot_curves
@@ -71,10 +71,7 @@ class RunReport(Callback):
 
     def on_step_end(self, trainer: "Trainer", step: int, record: Optional[Dict[str, Any]]) -> None:
         if self.is_main and step == self.first_step:
-            options = trainer.loss.options
-            notice = effective_beta_notice(trainer.last_step_metrics, options.get("beta"),
-                                           options.get("weight_normalization"))
-            if notice is not None:
+            for notice in effective_beta_notices(trainer.loss, trainer.last_step_metrics):
                 logger.log(*notice)
         if self.bar is not None:
             self.bar.update(1)
@@ -140,6 +137,29 @@ def _open_tracker(report_to: str, output_dir: Path, trainer: "Trainer"):
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
+def effective_beta_notices(loss, metrics: Dict[str, float]) -> List[tuple]:
+    """`effective_beta_notice` for a loss: one notice, or for a combination one per term with a contrast matrix
+    (a term whose options name a weight_normalization), its message led by the term's name. A combination keeps
+    a metric key for the first term that reports it and prefixes a later term's with `<term>/`
+    (rpo.losses.combination.WeightedSum), so the first contrast term reads `contrast/*` and later ones
+    `<term>/contrast/*`."""
+    terms = getattr(loss, "terms", None)
+    if not terms:
+        notice = effective_beta_notice(metrics, loss.options.get("beta"), loss.options.get("weight_normalization"))
+        return [] if notice is None else [notice]
+    notices, first = [], True
+    for name, _, term in terms:
+        if "weight_normalization" not in term.options:
+            continue
+        prefix, first = ("" if first else f"{name}/"), False
+        term_metrics = {key[len(prefix):]: value for key, value in metrics.items()
+                        if key.startswith(prefix + "contrast/")}
+        notice = effective_beta_notice(term_metrics, term.options.get("beta"), term.options["weight_normalization"])
+        if notice is not None:
+            notices.append((notice[0], f"{name}: {notice[1]}"))
+    return notices
+
+
 def effective_beta_notice(metrics: Dict[str, float], beta: Optional[float],
                           weight_normalization: Optional[str] = None) -> Optional[tuple]:
     """(log level, message) stating the effective beta of the diagonal and of an average off-diagonal pair of the
