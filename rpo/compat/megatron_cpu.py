@@ -72,6 +72,13 @@ TORCH_REDIRECTED_MODULES = {
     "megatron.core.distributed.distributed_data_parallel": "torch.cuda.Stream, synchronize, empty_cache",
     # forward_backward_no_pipelining allocates its token counter on device="cuda".
     "megatron.core.pipeline_parallel.schedules": "total_num_tokens counter on device='cuda'",
+    # Mixture of experts (megatron-core's MoELayer with the all-to-all dispatcher): the dispatcher creates a
+    # torch.cuda.Stream for its device-to-host copies and compares torch.cuda.current_stream() with it; the
+    # router moves its CPU-initialised weight to torch.cuda.current_device() on the first forward.
+    "megatron.core.transformer.moe.token_dispatcher": "MoEAlltoAllTokenDispatcher's torch.cuda.Stream and "
+                                                      "current_stream",
+    "megatron.core.transformer.moe.router": "Router.gating's move of the weight to torch.cuda.current_device()",
+    "megatron.core.transformer.moe.moe_utils": "aux-loss tracker buffers on device='cuda'",
     # dist_checkpointing save/load: torch.cuda.synchronize() and small flag tensors on CUDA.
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "torch.cuda.synchronize in the writer",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "verify/failure flags on CUDA",
@@ -104,6 +111,26 @@ def _on_cpu(factory):
     return wrapper
 
 
+class CpuEvent:
+    """Stands in for torch.cuda.Event: CPU work is done when it is issued, so an event is always complete (the MoE
+    all-to-all dispatcher synchronizes on the event its device-to-host stream recorded)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+
 class CpuStream:
     """Stands in for torch.cuda.Stream: CPU work is already ordered, so every stream operation is a no-op."""
 
@@ -117,7 +144,7 @@ class CpuStream:
         pass
 
     def record_event(self, *args, **kwargs):
-        return None
+        return CpuEvent()
 
     def synchronize(self):
         pass
@@ -147,6 +174,7 @@ class _CudaOnCpu:
 
     default_stream = current_stream
     Stream = CpuStream
+    Event = CpuEvent
 
     @staticmethod
     def stream(*args, **kwargs):
@@ -258,6 +286,35 @@ def _grads_named_as_cuda(clip):
     return wrapper
 
 
+def _host_copy_of_cpu_tensors(move):
+    # MoEAlltoAllTokenDispatcher turns its all-to-all split sizes into numpy arrays with
+    # moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True), which converts CUDA tensors only: on the CPU the
+    # sizes stay tensors and torch.distributed.all_to_all_single rejects them ("incompatible function arguments").
+    if getattr(move, "_rpo_megatron_cpu", False):
+        return move
+
+    @functools.wraps(move)
+    def wrapper(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    wrapper._rpo_megatron_cpu = True
+    return wrapper
+
+
+def _patch_moe_host_copies():
+    moe_utils = _import("megatron.core.transformer.moe.moe_utils")
+    original = getattr(moe_utils, "maybe_move_tensor_to_cpu", None) if moe_utils is not None else None
+    if original is None:
+        return
+    wrapped = _host_copy_of_cpu_tensors(original)
+    for name in ("megatron.core.transformer.moe.moe_utils", "megatron.core.transformer.moe.token_dispatcher"):
+        module = _import(name)
+        if module is not None and getattr(module, "maybe_move_tensor_to_cpu", None) is original:
+            module.maybe_move_tensor_to_cpu = wrapped
+
+
 def _import(name):
     try:
         return importlib.import_module(name)
@@ -318,6 +375,7 @@ def apply(force: bool = False) -> bool:
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
     _patch_type_checks()
+    _patch_moe_host_copies()
     _applied = True
     logger.debug("megatron_cpu: redirected %d megatron-core modules to the CPU", len(_patched_modules))
     return True

@@ -1,14 +1,21 @@
-"""A megatron-core GPTModel built from a Hugging Face LLaMA-family or Mistral config.
+"""A megatron-core GPTModel built from a Hugging Face config: LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (text),
+Mixtral and Qwen3-MoE (rpo.models.architectures lists what each family needs and what is refused).
 
-Covered: grouped-query attention, RoPE with the config's θ (and LLaMA-3.1 "llama3" scaling), RMSNorm with the
-config's ε, SwiGLU, tied or untied embeddings, Mistral's sliding window. The local (pure megatron-core) layer spec
-is used unless Transformer Engine is importable. The vocabulary is padded to a multiple of
-`vocab_divisible_by · TP` (megatron's convention); rpo.models.logprobs masks the padding out of log-probs.
+The local (pure megatron-core) layer spec is used, with rpo's modules (rpo.models.layers) where a family needs
+what megatron-core does not have; Transformer Engine's spec is used when it is importable and the family needs
+none of rpo's modules (LLaMA, Mistral, Qwen2, Qwen3). RoPE frequencies are transformers' own (set on megatron's
+rotary embedding after it is built). The vocabulary is padded to a multiple of `vocab_divisible_by · TP`
+(megatron's convention); rpo.models.logprobs masks the padding out of log-probs. Mixture-of-experts layers are
+megatron-core's MoELayer (TopKRouter, SequentialMLP experts, the all-to-all token dispatcher) with expert
+parallelism over the data-parallel ranks (megatron's expert-model-parallel group); the router's load-balancing
+loss is transformers' (rpo.models.moe).
 
 Sliding window: megatron-core's local attention (DotProductAttention) applies `config.window_size` by replacing
 whatever mask it is given with a window mask built on CUDA, dropping padding. With the local spec the window is
 therefore not put in the TransformerConfig; `attention_mask_for` builds one explicit mask (causal ∧ window ∧
-key-is-not-padding) that every forward passes. With Transformer Engine the window goes in the config
+key-is-not-padding) that every forward passes. When layers differ (Gemma 3's interleaved sliding and global
+layers, Qwen2's `max_window_layers`), the shared mask has no window and each sliding layer's attention adds its
+own (rpo.models.layers.WindowedDotProductAttention). With Transformer Engine the window goes in the config
 (`window_size=(W-1, 0)`: HF's window W counts the query itself) and TE's fused causal attention is used, which
 requires right-padded batches.
 """
@@ -22,9 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rpo.models import architectures
+
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = architectures.SUPPORTED_MODEL_TYPES
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
@@ -42,6 +51,8 @@ class GPTModelInfo:
     vocab_divisible_by: int
     recompute: str = "none"  # activation recomputation in training mode, see recompute_settings
     sequence_parallel: bool = False  # megatron sequence parallelism over the TP group, see build_gpt_model
+    expert_parallel: int = 1  # experts sharded over this many data-parallel ranks (MoE models)
+    architecture: Any = None  # rpo.models.architectures.Architecture
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
@@ -59,50 +70,6 @@ def te_available() -> bool:
     except ImportError:  # pragma: no cover - megatron-core is a hard dependency
         return False
     return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
-
-
-def rope_settings(hf_config) -> dict:
-    """RoPE θ and scaling from an HF config (transformers ≥ 5 `rope_parameters`, older `rope_theta`/`rope_scaling`)."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    legacy_scaling = getattr(hf_config, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    if theta is None:
-        theta = 10000.0
-    scaling = {**legacy_scaling, **params}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
-    if rope_type == "default":
-        return {"rotary_base": float(theta), "rope_scaling": False, "rope_scaling_factor": 8.0}
-    if rope_type == "llama3":
-        # megatron-core's LLaMA-3.x scaling hard-codes these three; other values would silently differ.
-        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        for key, value in fixed.items():
-            if float(scaling.get(key, value)) != float(value):
-                raise ValueError(f"rope scaling 'llama3' with {key}={scaling.get(key)} is not supported by "
-                                 f"megatron-core (it fixes {key}={value})")
-        return {"rotary_base": float(theta), "rope_scaling": True,
-                "rope_scaling_factor": float(scaling.get("factor", 8.0))}
-    raise ValueError(f"rope type {rope_type!r} is not supported (supported: 'default', 'llama3')")
-
-
-def _check_hf_config(hf_config) -> None:
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (LLaMA/Mistral use 'silu' for SwiGLU)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(hf_config, flag, False):
-            raise ValueError(f"config.{flag}=True is not supported (LLaMA/Mistral projections have no bias)")
-
-
-def hf_sliding_window(hf_config) -> int | None:
-    window = getattr(hf_config, "sliding_window", None)
-    if window is None or getattr(hf_config, "use_sliding_window", True) is False:
-        return None
-    if int(window) < 1:
-        raise ValueError(f"config.sliding_window must be ≥ 1, got {window}")
-    return int(window)
 
 
 def head_dim(hf_config) -> int:
@@ -128,47 +95,76 @@ def recompute_settings(recompute: str) -> dict:
 
 def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = torch.float32,
                                use_te: bool = False, initialize: bool = True, recompute: str = "none",
-                               sequence_parallel: bool = False):
-    """megatron-core TransformerConfig equivalent to an HF LLaMA/Mistral config (+ activation recomputation,
-    sequence parallelism)."""
+                               sequence_parallel: bool = False, expert_parallel: int = 1):
+    """megatron-core TransformerConfig equivalent to an HF config of a supported family (+ activation
+    recomputation, sequence and expert parallelism). Raises UnsupportedModelError / ValueError naming the
+    family, feature or option that cannot be built."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _check_hf_config(hf_config)
+    from rpo.models import layers
+
+    arch = architectures.architecture(hf_config)
     if sequence_parallel and tp_size < 2:
         raise ValueError(f"sequence parallelism splits the sequence over the tensor-parallel group: it needs "
                          f"tp_size > 1, got {tp_size}")
     recompute_fields = recompute_settings(recompute)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    heads = hf_config.num_attention_heads
-    groups = getattr(hf_config, "num_key_value_heads", None) or heads
+    heads, groups = arch.num_heads, arch.num_kv_heads
     if heads % tp_size or groups % tp_size:
         raise ValueError(f"tensor-parallel size {tp_size} must divide num_attention_heads={heads} and "
                          f"num_key_value_heads={groups}")
-    if hf_config.intermediate_size % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide intermediate_size="
-                         f"{hf_config.intermediate_size}")
-    window = hf_sliding_window(hf_config)
+    ffn_key, ffn = ("moe_intermediate_size" if arch.model_type == "qwen3_moe" else "intermediate_size",
+                    arch.moe.ffn_hidden_size) if arch.moe else ("intermediate_size", arch.ffn_hidden_size)
+    if ffn % tp_size:
+        raise ValueError(f"tensor-parallel size {tp_size} must divide {ffn_key}={ffn}")
+    if use_te and arch.needs_local_spec:
+        raise ValueError(f"{arch.family}: this config needs rpo's local-spec modules (rpo.models.layers); "
+                         f"Transformer Engine's layer spec cannot build it (use_te=False)")
+    if not isinstance(expert_parallel, int) or expert_parallel < 1:
+        raise ValueError(f"expert_parallel must be a positive integer, got {expert_parallel!r}")
+    if expert_parallel > 1 and arch.moe is None:
+        raise ValueError(f"--expert-parallel {expert_parallel}: {arch.family} has no experts (a dense model)")
+    moe_fields = {}
+    if arch.moe is not None:
+        if arch.moe.num_experts % expert_parallel:
+            raise ValueError(f"--expert-parallel {expert_parallel} must divide the {arch.moe.num_experts} experts")
+        moe_fields = dict(
+            num_moe_experts=arch.moe.num_experts, moe_router_topk=arch.moe.top_k,
+            moe_ffn_hidden_size=arch.moe.ffn_hidden_size,
+            # Renormalised top-k (Mixtral; Qwen3-MoE norm_topk_prob): softmax over the k chosen logits equals
+            # transformers' top-k of the softmax divided by its sum. Otherwise the top-k of the full softmax.
+            moe_router_pre_softmax=not arch.moe.normalize_top_k, moe_router_score_function="softmax",
+            # transformers' load-balancing loss is added by rpo.models.moe (megatron's differs: see there).
+            moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+            # all-to-all: the only dispatcher for ranks with different token counts (data-parallel ranks' batches).
+            moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_permute_fusion=False,
+            expert_model_parallel_size=expert_parallel,
+        )
+    uniform_window = arch.sliding_window if arch.uniform_window else None
     cuda = torch.cuda.is_available()
     return TransformerConfig(
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=head_dim(hf_config),
+        kv_channels=arch.head_dim,
         normalization="RMSNorm",
         # megatron's default ε is 1e-5, HF LLaMA's 1e-6: taking it from the config matters (~5e-3 in log-probs).
-        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=layers.gelu_tanh if arch.activation == "gelu_tanh" else F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        # One scale for every layer (None: megatron's head_dim^-½); per-layer scales go to each layer's attention.
+        softmax_scale=layers.uniform_softmax_scale(arch),
         hidden_dropout=0.0,
-        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        attention_dropout=arch.attention_dropout,
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
         rotary_interleaved=False,  # HF's rotate-half RoPE
-        window_size=(window - 1, 0) if (window and use_te) else None,
+        window_size=(uniform_window - 1, 0) if (uniform_window and use_te) else None,
         tensor_model_parallel_size=tp_size,
         sequence_parallel=sequence_parallel,
         # The empty list is megatron's "whole layer" scope; its default "full" only warns that it is deprecated.
@@ -187,21 +183,25 @@ def transformer_config_from_hf(hf_config, tp_size: int, dtype: torch.dtype = tor
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **moe_fields,
         **recompute_fields,
     )
 
 
 def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = torch.float32,
                     vocab_divisible_by: int = 128, use_te: bool | None = None, initialize: bool = True,
-                    recompute: str = "none", sequence_parallel: bool = False):
+                    recompute: str = "none", sequence_parallel: bool = False,
+                    moe_aux_loss_coeff: float | None = None):
     """Build this rank's shard of a GPTModel for `hf_config` (parallel state must be initialised).
 
     `initialize=False` skips megatron's random init (weights are about to be loaded). `use_te=None` picks
-    Transformer Engine's layer spec when it is importable, else the local spec. `recompute`: activation
-    recomputation, one of RECOMPUTE_MODES (see recompute_settings). `sequence_parallel`: megatron's sequence
-    parallelism (needs TP > 1): the norms and residual stream of each layer hold T/TP positions per rank; with the
-    local spec its norms are `SequenceParallelTorchNorm`. Every rpo forward (forward_hidden_states,
-    hidden_states_with_mask, full_logits) pads T to a multiple of TP and returns all T positions.
+    Transformer Engine's layer spec when it is importable and the family needs no rpo module, else the local
+    spec. `recompute`: activation recomputation, one of RECOMPUTE_MODES (see recompute_settings).
+    `sequence_parallel`: megatron's sequence parallelism (needs TP > 1): the norms and residual stream of each
+    layer hold T/TP positions per rank; with the local spec its norms are rpo.models.layers.TorchRMSNorm. Every
+    rpo forward (forward_hidden_states, hidden_states_with_mask, full_logits) pads T to a multiple of TP and
+    returns all T positions. Expert parallelism is megatron's parallel state's (rpo.models.init_parallel).
+    `moe_aux_loss_coeff`: the load-balancing loss's weight (None: the config's router_aux_loss_coef).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -210,6 +210,8 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from rpo.models import layers
+
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is not initialised: call rpo.models.init_parallel(tp_size)")
     current_tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -217,23 +219,27 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         tp_size = current_tp
     if tp_size != current_tp:
         raise ValueError(f"tp_size={tp_size} but megatron's parallel state has TP={current_tp}")
+    expert_parallel = parallel_state.get_expert_model_parallel_world_size()
+    arch = architectures.architecture(hf_config)
     if use_te is None:
-        use_te = te_available()
+        use_te = te_available() and not arch.needs_local_spec
     elif use_te and not te_available():
         raise ValueError("use_te=True but Transformer Engine is not importable")
     # Transformer Engine layers are always initialised: skipping init is only verified for the local layers
     # (see _mark_tensor_parallel).
     config = transformer_config_from_hf(hf_config, tp_size, dtype, use_te=use_te,
                                         initialize=initialize or use_te, recompute=recompute,
-                                        sequence_parallel=sequence_parallel)
-    if use_te:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()  # TE's norms support sequence parallelism
+                                        sequence_parallel=sequence_parallel, expert_parallel=expert_parallel)
+    num_experts = arch.moe.num_experts if arch.moe else None
+    if use_te:  # TE's norms support sequence parallelism
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                                qk_layernorm=arch.qk_norm)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-        if sequence_parallel:
-            layer_spec = _sequence_parallel_local_spec(layer_spec, config.num_layers)
-    vocab = int(hf_config.vocab_size)
+        layer_spec = layers.local_block_spec(arch, config, get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"))
+    vocab = arch.vocab_size
     padded = padded_vocab_size(vocab, tp_size, vocab_divisible_by)
+    model_rope = arch.rope[layers.model_rope_type(arch)]
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -242,53 +248,40 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         pre_process=True,
         post_process=True,
         parallel_output=True,
-        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        share_embeddings_and_output_weights=arch.tied_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        **rope_settings(hf_config),
+        rotary_base=model_rope.theta,
     )
+    # transformers' own inverse frequencies (default, linear, llama3, yarn alike), before any forward caches them.
+    model.rotary_pos_emb.inv_freq = model_rope.inv_freq.clone()
+    if arch.embedding_scale is not None:
+        model.embedding.register_forward_hook(_scale_embeddings(arch.embedding_scale))
     _mark_tensor_parallel(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if arch.moe is not None:
+        from rpo.models import moe
+
+        coeff = arch.moe.aux_loss_coeff if moe_aux_loss_coeff is None else float(moe_aux_loss_coeff)
+        moe.attach_load_balancing(model, arch.moe.num_experts, arch.moe.top_k, coeff)
     model.rpo_info = GPTModelInfo(
-        vocab_size=vocab, padded_vocab_size=padded, sliding_window=hf_sliding_window(hf_config),
-        uses_te=use_te, tp_size=tp_size, dtype=dtype, hf_config=hf_config, vocab_divisible_by=vocab_divisible_by,
-        recompute=recompute, sequence_parallel=sequence_parallel,
+        vocab_size=vocab, padded_vocab_size=padded, sliding_window=arch.sliding_window if arch.uniform_window
+        else None, uses_te=use_te, tp_size=tp_size, dtype=dtype, hf_config=hf_config,
+        vocab_divisible_by=vocab_divisible_by, recompute=recompute, sequence_parallel=sequence_parallel,
+        expert_parallel=expert_parallel, architecture=arch,
     )
     return model
 
 
-class SequenceParallelTorchNorm:
-    """The local spec's torch norm (what megatron-core's WrappedTorchNorm builds: torch.nn.RMSNorm with the
-    config's ε) for a sequence-parallel model.
+def _scale_embeddings(scale: float):
+    """A forward hook multiplying the embedding output by `scale` rounded to its dtype, as transformers' Gemma
+    embedding does (`embed_scale.to(weight.dtype)`)."""
 
-    WrappedTorchNorm asserts `not config.sequence_parallel` (megatron-core 0.16.1, transformer/torch_norm.py). A
-    norm acts on each position alone, so on T/TP positions it is exact; only its weight's gradient is partial (a
-    sum over this rank's positions). The weight carries megatron's `sequence_parallel` attribute, as its fused
-    norms set it (fusions/fused_layer_norm.py), and megatron's `finalize_model_grads` sums the gradients of such
-    weights over the tensor-parallel group (`_allreduce_non_tensor_model_parallel_grads`).
-    """
+    def hook(module, inputs, output):
+        return output * torch.tensor(scale).to(device=output.device, dtype=output.dtype)
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
-        if config.normalization != "RMSNorm":
-            raise ValueError(f"SequenceParallelTorchNorm builds RMSNorm only, got {config.normalization!r}")
-        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return norm
-
-
-def _sequence_parallel_local_spec(layer_spec, num_layers: int):
-    """The local layer spec with SequenceParallelTorchNorm for both norms of a layer and the final norm."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
-
-    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-        layer_spec.submodules, input_layernorm=SequenceParallelTorchNorm,
-        pre_mlp_layernorm=SequenceParallelTorchNorm))
-    # A layer spec gets megatron's default final norm (WrappedTorchNorm); a block spec names its own.
-    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=[layer] * num_layers, layer_norm=SequenceParallelTorchNorm))
+    return hook
 
 
 def _mark_tensor_parallel(model) -> None:
@@ -382,19 +375,21 @@ def forward_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.
         mask = None  # TE's causal (and sliding-window) attention builds its own mask
     else:
         mask = attention_mask_for(attention_mask, info.sliding_window)
-    return hidden_states_with_mask(model, input_ids, position_ids, mask)
+    return hidden_states_with_mask(model, input_ids, position_ids, mask, token_mask=attention_mask.bool())
 
 
 def hidden_states_with_mask(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                            mask: torch.Tensor | None) -> torch.Tensor:
+                            mask: torch.Tensor | None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states [T, R, hidden] for an explicit megatron attention mask [R, 1, T, T] (True = masked).
 
     The mask replaces the causal one, so it must contain it (rpo.models.packing builds block-diagonal ones).
-    With sequence parallelism every TP rank still gets all T positions (see `_sequence_parallel_inputs`); pass
-    them to the output layer inside `output_layer_on_gathered_states`.
+    `token_mask` [R, T] (True = a real token, default all) tells a mixture-of-experts model's load-balancing loss
+    which positions are padding. With sequence parallelism every TP rank still gets all T positions (see
+    `_sequence_parallel_inputs`); pass them to the output layer inside `output_layer_on_gathered_states`.
     """
     gpt = unwrap(model)
     length = input_ids.shape[1]
+    _begin_forward(gpt, token_mask)
     input_ids, position_ids, mask = _sequence_parallel_inputs(gpt, input_ids, position_ids, mask)
     with _hidden_states_only(gpt):
         hidden = model(input_ids, position_ids, mask)
@@ -408,6 +403,23 @@ def hidden_states_with_mask(model, input_ids: torch.Tensor, position_ids: torch.
     # (tensor_parallel_output_grad=False) instead of summing again.
     hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
     return hidden[:length]
+
+
+def _begin_forward(gpt, token_mask: torch.Tensor | None) -> None:
+    """A mixture-of-experts model's load-balancing loss starts over for this forward with the real tokens
+    [R, T] of its rows, in megatron's [s, b] order (with sequence parallelism: this TP rank's shard of the
+    sequence padded to a multiple of TP, as `_sequence_parallel_inputs` pads it); nothing for a dense model."""
+    balance = getattr(gpt, "rpo_load_balancing", None)
+    if balance is None:
+        return
+    if token_mask is None or not gpt.config.sequence_parallel:
+        balance.begin(None if token_mask is None else token_mask.t())
+        return
+    from megatron.core import parallel_state
+
+    tp = gpt.config.tensor_model_parallel_size
+    padded = F.pad(token_mask.bool(), (0, -token_mask.shape[1] % tp), value=False).t()  # [T', R]
+    balance.begin(padded.chunk(tp, dim=0)[parallel_state.get_tensor_model_parallel_rank()])
 
 
 def _sequence_parallel_inputs(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
@@ -461,5 +473,6 @@ def full_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     rows, length = input_ids.shape
     position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(rows, length)
     mask = None if info.uses_te else attention_mask_for(attention_mask, info.sliding_window)
+    _begin_forward(gpt, attention_mask.bool())
     # With sequence parallelism GPTModel's output layer gathers the sequence itself: only T is padded here.
     return model(*_sequence_parallel_inputs(gpt, input_ids, position_ids, mask))[:, :length]

@@ -1,19 +1,35 @@
-"""Hugging Face LLaMA/Mistral weights ↔ megatron-core GPTModel weights sharded for any tensor-parallel size.
+"""Hugging Face weights ↔ megatron-core GPTModel weights, sharded for any tensor- and expert-parallel size.
 
-The mapping is written once here and used both ways. (Megatron-Bridge 0.3.1 does not install on this stack:
-it pins transformers < 5 and megatron-core[dev,mlm], whose mamba-ssm and transformer-engine need CUDA builds.)
+The mapping is written once here and used both ways, for every family of rpo.models.architectures. (Megatron-
+Bridge 0.3.1 does not install on this stack: it pins transformers < 5 and megatron-core[dev,mlm], whose
+mamba-ssm and transformer-engine need CUDA builds.)
 
-| HF | megatron-core (local spec; TE spec in brackets) | TP sharding |
+| HF (layer i: model.layers.i.) | megatron-core (layer i: decoder.layers.i.; local spec, TE spec in brackets) | TP sharding |
 | --- | --- | --- |
 | model.embed_tokens.weight [V, h] | embedding.word_embeddings.weight | rows, vocab padded to V_p with zeros |
 | lm_head.weight (untied only) | output_layer.weight | rows, padded like the embedding |
-| layers.i.input_layernorm.weight | layers.i.input_layernorm.weight [self_attention.linear_qkv.layer_norm_weight] | replicated |
-| layers.i.self_attn.{q,k,v}_proj.weight | layers.i.self_attention.linear_qkv.weight | rows, whole query groups |
-| layers.i.self_attn.o_proj.weight | layers.i.self_attention.linear_proj.weight | columns |
-| layers.i.post_attention_layernorm.weight | layers.i.pre_mlp_layernorm.weight [mlp.linear_fc1.layer_norm_weight] | replicated |
-| layers.i.mlp.{gate,up}_proj.weight | layers.i.mlp.linear_fc1.weight | [gate_r; up_r] per rank |
-| layers.i.mlp.down_proj.weight | layers.i.mlp.linear_fc2.weight | columns |
+| input_layernorm.weight | input_layernorm.weight [self_attention.linear_qkv.layer_norm_weight] | replicated |
+| self_attn.{q,k,v}_proj.weight | self_attention.linear_qkv.weight | rows, whole query groups |
+| self_attn.{q,k,v}_proj.bias (Qwen2) | self_attention.linear_qkv.bias | like the weight's rows |
+| self_attn.{q,k}_norm.weight (Qwen3, Gemma 3) | self_attention.{q,k}_layernorm.weight | replicated |
+| self_attn.o_proj.weight | self_attention.linear_proj.weight | columns |
+| post_attention_layernorm.weight | pre_mlp_layernorm.weight [mlp.linear_fc1.layer_norm_weight] | replicated |
+| mlp.{gate,up}_proj.weight | mlp.linear_fc1.weight | [gate_r; up_r] per rank |
+| mlp.down_proj.weight | mlp.linear_fc2.weight | columns |
 | model.norm.weight | decoder.final_layernorm.weight | replicated |
+
+Gemma 3's four norms: input_layernorm → input_layernorm, post_attention_layernorm →
+self_attention.linear_proj.post_norm, pre_feedforward_layernorm → pre_mlp_layernorm, post_feedforward_layernorm →
+mlp.linear_fc2.post_norm (rpo.models.layers; weights stored as in the checkpoint, the norm applies 1 + w).
+
+Mixture of experts (e: global expert index; megatron's layer holds experts ep_rank · E/EP + j as local j):
+| Mixtral: block_sparse_moe. / Qwen3-MoE: mlp. | megatron-core | sharding |
+| --- | --- | --- |
+| gate.weight [E, h] | mlp.router.weight | replicated |
+| experts.e.{w1,w3}.weight / experts.e.{gate,up}_proj.weight | mlp.experts.local_experts.j.linear_fc1.weight | [gate_r; up_r] over the expert-TP group |
+| experts.e.w2.weight / experts.e.down_proj.weight | mlp.experts.local_experts.j.linear_fc2.weight | columns over the expert-TP group |
+These are the names Hugging Face checkpoints use on disk (transformers ≥ 5 fuses the experts in memory and
+converts on load and save).
 
 The two traps: the fused QKV weight is grouped per KV group (for each group: its query heads, then its key
 head, then its value head) and a TP rank holds a contiguous block of whole groups; the SwiGLU fc1 of a TP rank
@@ -23,6 +39,7 @@ non-interleaved RoPE, so no row permutation is needed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +63,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 @dataclass(frozen=True)
 class Layout:
-    """Shapes that the mapping needs, from an HF config plus the megatron vocabulary padding."""
+    """Shapes and names that the mapping needs, from an HF config plus the megatron vocabulary padding and the
+    expert-parallel rank."""
 
     num_layers: int
     num_heads: int
@@ -58,48 +76,100 @@ class Layout:
     padded_vocab_size: int
     tied: bool
     te_norms: bool = False  # Transformer Engine spec: norms fused into linear_qkv / linear_fc1
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False  # Gemma 3: norms after attention and MLP
+    num_experts: int = 0  # 0: a dense MLP
+    expert_ffn_size: int = 0
+    ep_rank: int = 0
+    ep_size: int = 1
 
     @classmethod
-    def from_hf(cls, hf_config, padded_vocab_size: int, te_norms: bool = False) -> "Layout":
-        heads = hf_config.num_attention_heads
+    def from_hf(cls, hf_config, padded_vocab_size: int, te_norms: bool = False, ep_rank: int = 0,
+                ep_size: int = 1) -> "Layout":
+        from rpo.models.architectures import architecture
+
+        arch = architecture(hf_config)
         return cls(
-            num_layers=hf_config.num_hidden_layers,
-            num_heads=heads,
-            num_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-            hidden_size=hf_config.hidden_size,
-            ffn_size=hf_config.intermediate_size,
-            vocab_size=hf_config.vocab_size,
-            padded_vocab_size=padded_vocab_size,
-            tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            te_norms=te_norms,
+            num_layers=arch.num_layers, num_heads=arch.num_heads, num_groups=arch.num_kv_heads,
+            head_dim=arch.head_dim, hidden_size=arch.hidden_size, ffn_size=arch.ffn_hidden_size,
+            vocab_size=arch.vocab_size, padded_vocab_size=padded_vocab_size, tied=arch.tied_embeddings,
+            te_norms=te_norms, model_type=arch.model_type, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm,
+            post_norms=arch.post_norms, num_experts=arch.moe.num_experts if arch.moe else 0,
+            expert_ffn_size=arch.moe.ffn_hidden_size if arch.moe else 0, ep_rank=ep_rank, ep_size=ep_size,
         )
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.ep_size
 
 
 @dataclass(frozen=True)
 class Rule:
     megatron: str
-    kind: str  # "replicated", "vocab", "qkv", "fc1", "columns"
+    kind: str  # "replicated", "vocab", "qkv", "qkv_bias", "fc1", "columns"
     hf: tuple[str, ...]
+    shape: tuple[int, ...] | None = None  # replicated: the tensor's shape; fc1: (rows of gate and of up,)
+    expert: tuple[int, int] | None = None  # (layer, local expert j): sharded over the expert TP / EP groups
+
+
+def _expert_prefix(layout: Layout, layer: int) -> str:
+    return f"model.layers.{layer}." + ("block_sparse_moe." if layout.model_type == "mixtral" else "mlp.")
+
+
+def expert_rules(layout: Layout, layer: int, local: int, ep_rank: int | None = None) -> list[Rule]:
+    """The two megatron parameters of local expert `local` of `layer` on expert-parallel rank `ep_rank` (default
+    the layout's), from the HF tensors of global expert ep_rank · E/EP + local."""
+    ep_rank = layout.ep_rank if ep_rank is None else ep_rank
+    e = ep_rank * layout.local_experts + local
+    hf = _expert_prefix(layout, layer) + f"experts.{e}."
+    gate, up, down = (("w1", "w3", "w2") if layout.model_type == "mixtral"
+                      else ("gate_proj", "up_proj", "down_proj"))
+    m = f"decoder.layers.{layer}.mlp.experts.local_experts.{local}."
+    return [Rule(m + "linear_fc1.weight", "fc1", (hf + f"{gate}.weight", hf + f"{up}.weight"),
+                 shape=(layout.expert_ffn_size,), expert=(layer, local)),
+            Rule(m + "linear_fc2.weight", "columns", (hf + f"{down}.weight",), expert=(layer, local))]
 
 
 def rules(layout: Layout) -> list[Rule]:
-    """Every megatron parameter and the HF tensors it is made of."""
+    """Every megatron parameter of this rank and the HF tensors it is made of."""
+    h, d = layout.hidden_size, layout.head_dim
     out = [Rule("embedding.word_embeddings.weight", "vocab", ("model.embed_tokens.weight",))]
     for i in range(layout.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        m, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
         attn_norm = "self_attention.linear_qkv.layer_norm_weight" if layout.te_norms else "input_layernorm.weight"
         mlp_norm = "mlp.linear_fc1.layer_norm_weight" if layout.te_norms else "pre_mlp_layernorm.weight"
-        out += [
-            Rule(m + attn_norm, "replicated", (h + "input_layernorm.weight",)),
-            Rule(m + "self_attention.linear_qkv.weight", "qkv",
-                 (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight", h + "self_attn.v_proj.weight")),
-            Rule(m + "self_attention.linear_proj.weight", "columns", (h + "self_attn.o_proj.weight",)),
-            Rule(m + mlp_norm, "replicated", (h + "post_attention_layernorm.weight",)),
-            Rule(m + "mlp.linear_fc1.weight", "fc1", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight")),
-            Rule(m + "mlp.linear_fc2.weight", "columns", (h + "mlp.down_proj.weight",)),
-        ]
-    out.append(Rule("decoder.final_layernorm.weight", "replicated", ("model.norm.weight",)))
+        qkv = (hf + "self_attn.q_proj.weight", hf + "self_attn.k_proj.weight", hf + "self_attn.v_proj.weight")
+        out += [Rule(m + attn_norm, "replicated", (hf + "input_layernorm.weight",), shape=(h,)),
+                Rule(m + "self_attention.linear_qkv.weight", "qkv", qkv)]
+        if layout.qkv_bias:
+            out.append(Rule(m + "self_attention.linear_qkv.bias", "qkv_bias",
+                            tuple(name.replace(".weight", ".bias") for name in qkv)))
+        if layout.qk_norm:
+            out += [Rule(m + "self_attention.q_layernorm.weight", "replicated", (hf + "self_attn.q_norm.weight",),
+                         shape=(d,)),
+                    Rule(m + "self_attention.k_layernorm.weight", "replicated", (hf + "self_attn.k_norm.weight",),
+                         shape=(d,))]
+        out.append(Rule(m + "self_attention.linear_proj.weight", "columns", (hf + "self_attn.o_proj.weight",)))
+        if layout.post_norms:
+            out += [Rule(m + "self_attention.linear_proj.post_norm.weight", "replicated",
+                         (hf + "post_attention_layernorm.weight",), shape=(h,)),
+                    Rule(m + mlp_norm, "replicated", (hf + "pre_feedforward_layernorm.weight",), shape=(h,)),
+                    Rule(m + "mlp.linear_fc2.post_norm.weight", "replicated",
+                         (hf + "post_feedforward_layernorm.weight",), shape=(h,))]
+        else:
+            out.append(Rule(m + mlp_norm, "replicated", (hf + "post_attention_layernorm.weight",), shape=(h,)))
+        if layout.num_experts:
+            out.append(Rule(m + "mlp.router.weight", "replicated", (_expert_prefix(layout, i) + "gate.weight",),
+                            shape=(layout.num_experts, h)))
+            for j in range(layout.local_experts):
+                out += expert_rules(layout, i, j)
+        else:
+            out += [Rule(m + "mlp.linear_fc1.weight", "fc1", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+                         shape=(layout.ffn_size,)),
+                    Rule(m + "mlp.linear_fc2.weight", "columns", (hf + "mlp.down_proj.weight",))]
+    out.append(Rule("decoder.final_layernorm.weight", "replicated", ("model.norm.weight",), shape=(h,)))
     if not layout.tied:
         out.append(Rule("output_layer.weight", "vocab", ("lm_head.weight",)))
     return out
@@ -110,13 +180,24 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"HF tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
 
 
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[groups, (per_group + 2) · head_dim, ...]: per KV group its query heads, its key, its value."""
+    L = layout
+    per_group = L.num_heads // L.num_groups
+    tail = q.shape[1:]
+    return torch.cat([q.reshape(L.num_groups, per_group * L.head_dim, *tail),
+                      k.reshape(L.num_groups, L.head_dim, *tail),
+                      v.reshape(L.num_groups, L.head_dim, *tail)], dim=1)
+
+
 def megatron_shard(rule: Rule, get: Callable[[str], torch.Tensor], layout: Layout,
                    tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The TP-rank `tp_rank` shard of megatron parameter `rule.megatron`, built from HF tensors."""
+    """The TP-rank `tp_rank` shard of megatron parameter `rule.megatron`, built from HF tensors (expert rules:
+    the expert-TP rank and size)."""
     L, h = layout, layout.hidden_size
     tensors = [get(name) for name in rule.hf]
     if rule.kind == "replicated":
-        _check_shape(rule.hf[0], tensors[0], (h,))
+        _check_shape(rule.hf[0], tensors[0], rule.shape or (h,))
         return tensors[0]
     if rule.kind == "vocab":
         (weight,) = tensors
@@ -127,22 +208,18 @@ def megatron_shard(rule: Rule, get: Callable[[str], torch.Tensor], layout: Layou
     if rule.kind == "columns":
         (weight,) = tensors
         return weight.chunk(tp_size, dim=1)[tp_rank]
-    if rule.kind == "qkv":
+    if rule.kind in ("qkv", "qkv_bias"):
         q, k, v = tensors
-        per_group = L.num_heads // L.num_groups
-        _check_shape(rule.hf[0], q, (L.num_heads * L.head_dim, h))
-        _check_shape(rule.hf[1], k, (L.num_groups * L.head_dim, h))
-        _check_shape(rule.hf[2], v, (L.num_groups * L.head_dim, h))
-        fused = torch.cat([
-            q.reshape(L.num_groups, per_group * L.head_dim, h),
-            k.reshape(L.num_groups, L.head_dim, h),
-            v.reshape(L.num_groups, L.head_dim, h),
-        ], dim=1)  # [groups, (per_group + 2) · head_dim, h]: per group its queries, key, value
-        return fused.chunk(tp_size, dim=0)[tp_rank].reshape(-1, h)
+        tail = (h,) if rule.kind == "qkv" else ()
+        _check_shape(rule.hf[0], q, (L.num_heads * L.head_dim, *tail))
+        _check_shape(rule.hf[1], k, (L.num_groups * L.head_dim, *tail))
+        _check_shape(rule.hf[2], v, (L.num_groups * L.head_dim, *tail))
+        return _fuse_qkv(q, k, v, L).chunk(tp_size, dim=0)[tp_rank].reshape(-1, *tail)
     if rule.kind == "fc1":
         gate, up = tensors
-        _check_shape(rule.hf[0], gate, (L.ffn_size, h))
-        _check_shape(rule.hf[1], up, (L.ffn_size, h))
+        rows = rule.shape[0] if rule.shape else L.ffn_size
+        _check_shape(rule.hf[0], gate, (rows, h))
+        _check_shape(rule.hf[1], up, (rows, h))
         return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
     raise AssertionError(rule.kind)
 
@@ -156,11 +233,13 @@ def hf_tensors(rule: Rule, shards: list[torch.Tensor], layout: Layout) -> dict[s
         return {rule.hf[0]: torch.cat(shards, dim=0)[: L.vocab_size]}
     if rule.kind == "columns":
         return {rule.hf[0]: torch.cat(shards, dim=1)}
-    if rule.kind == "qkv":
+    if rule.kind in ("qkv", "qkv_bias"):
+        tail = (h,) if rule.kind == "qkv" else ()
         per_group = L.num_heads // L.num_groups
-        fused = torch.cat(shards, dim=0).reshape(L.num_groups, (per_group + 2) * L.head_dim, h)
+        fused = torch.cat(shards, dim=0).reshape(L.num_groups, (per_group + 2) * L.head_dim, *tail)
         q, k, v = fused.split([per_group * L.head_dim, L.head_dim, L.head_dim], dim=1)
-        return {rule.hf[0]: q.reshape(-1, h), rule.hf[1]: k.reshape(-1, h), rule.hf[2]: v.reshape(-1, h)}
+        return {rule.hf[0]: q.reshape(-1, *tail), rule.hf[1]: k.reshape(-1, *tail),
+                rule.hf[2]: v.reshape(-1, *tail)}
     if rule.kind == "fc1":
         halves = [shard.chunk(2, dim=0) for shard in shards]
         return {rule.hf[0]: torch.cat([g for g, _ in halves], dim=0),
@@ -170,17 +249,26 @@ def hf_tensors(rule: Rule, shards: list[torch.Tensor], layout: Layout) -> dict[s
 
 def hf_to_megatron_state(hf_state: Mapping[str, torch.Tensor], layout: Layout, tp_rank: int,
                          tp_size: int) -> dict[str, torch.Tensor]:
-    """Megatron state dict (this TP rank's shards) from a full HF state dict."""
+    """Megatron state dict (this TP rank's shards; experts: the layout's EP rank's) from a full HF state dict."""
     get = _getter(hf_state)
     return {rule.megatron: megatron_shard(rule, get, layout, tp_rank, tp_size).contiguous()
             for rule in rules(layout)}
 
 
-def megatron_to_hf_state(shards: list[Mapping[str, torch.Tensor]], layout: Layout) -> dict[str, torch.Tensor]:
-    """Full HF state dict from the megatron state dicts of every TP rank (in rank order)."""
+def megatron_to_hf_state(shards: list[Mapping[str, torch.Tensor]], layout: Layout,
+                         expert_shards: list[list[Mapping[str, torch.Tensor]]] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Full HF state dict from the megatron state dicts of every TP rank (in rank order). With expert
+    parallelism, `expert_shards[r]` are EP rank r's TP-rank state dicts (default: `shards` holds every expert)."""
     out = {}
-    for rule in rules(layout):
-        out.update(hf_tensors(rule, [shard[rule.megatron] for shard in shards], layout))
+    for rule in rules(dataclasses.replace(layout, ep_rank=0)):
+        if rule.expert is None or expert_shards is None:
+            out.update(hf_tensors(rule, [shard[rule.megatron] for shard in shards], layout))
+            continue
+        for ep_rank, ep_shards in enumerate(expert_shards):
+            for other in expert_rules(layout, *rule.expert, ep_rank=ep_rank):
+                if other.megatron == rule.megatron:
+                    out.update(hf_tensors(other, [shard[other.megatron] for shard in ep_shards], layout))
     return out
 
 
@@ -241,16 +329,31 @@ class HFWeights(Mapping):
 
 
 def _model_layout(model) -> Layout:
+    from megatron.core import parallel_state
+
     from rpo.models.gpt import model_info
 
     info = model_info(model)
-    return Layout.from_hf(info.hf_config, info.padded_vocab_size, te_norms=info.uses_te)
+    ep_size = parallel_state.get_expert_model_parallel_world_size() if info.expert_parallel > 1 else 1
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep_size > 1 else 0
+    return Layout.from_hf(info.hf_config, info.padded_vocab_size, te_norms=info.uses_te, ep_rank=ep_rank,
+                          ep_size=ep_size)
 
 
 def _tp_rank_size() -> tuple[int, int]:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _shard_rank_size(rule: Rule) -> tuple[int, int]:
+    """(rank, size) of the group a rule's parameter is sharded over: tensor parallel, or expert tensor parallel."""
+    from megatron.core import parallel_state
+
+    if rule.expert is None:
+        return _tp_rank_size()
+    return (parallel_state.get_expert_tensor_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_world_size())
 
 
 def load_hf_weights(model, hf_weights: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
@@ -261,7 +364,6 @@ def load_hf_weights(model, hf_weights: str | os.PathLike | Mapping[str, torch.Te
     layout = _model_layout(gpt)
     if not isinstance(hf_weights, Mapping):
         hf_weights = HFWeights(hf_weights)
-    tp_rank, tp_size = _tp_rank_size()
     params = dict(gpt.named_parameters())
     expected = {rule.megatron for rule in rules(layout)}
     if set(params) != expected:
@@ -271,19 +373,30 @@ def load_hf_weights(model, hf_weights: str | os.PathLike | Mapping[str, torch.Te
     with torch.no_grad():
         for rule in rules(layout):
             param = params[rule.megatron]
-            shard = megatron_shard(rule, get, layout, tp_rank, tp_size)
+            shard = megatron_shard(rule, get, layout, *_shard_rank_size(rule))
             if tuple(shard.shape) != tuple(param.shape):
                 raise ValueError(f"{rule.megatron}: HF gives shard {tuple(shard.shape)}, model has "
                                  f"{tuple(param.shape)}")
             param.copy_(shard)
 
 
-def iter_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor on CPU) for every weight, gathered over the TP group.
-
-    Collective: every rank of the TP group must iterate it to the end.
-    """
+def _all_gather(local: torch.Tensor, size: int, group) -> list[torch.Tensor]:
     import torch.distributed as dist
+
+    if size == 1:
+        return [local]
+    gathered = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(gathered, local, group=group)
+    return gathered
+
+
+def iter_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor on CPU) for every weight, gathered over the TP group (experts: over the expert-TP and
+    expert-parallel groups).
+
+    Collective: every rank of the TP group (and, with expert parallelism, of the expert-parallel group) must
+    iterate it to the end.
+    """
     from megatron.core import parallel_state
 
     from rpo.models.gpt import unwrap
@@ -292,20 +405,29 @@ def iter_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     layout = _model_layout(gpt)
     params = dict(gpt.named_parameters())
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     for rule in rules(layout):
         local = params[rule.megatron].detach().contiguous()
-        if tp_size > 1:
-            shards = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(shards, local, group=group)
-        else:
-            shards = [local]
-        for name, tensor in hf_tensors(rule, [s.cpu() for s in shards], layout).items():
-            yield name, tensor.contiguous()
+        if rule.expert is None:
+            shards = _all_gather(local, tp_size, tp_group)
+            for name, tensor in hf_tensors(rule, [s.cpu() for s in shards], layout).items():
+                yield name, tensor.contiguous()
+            continue
+        etp_size = parallel_state.get_expert_tensor_parallel_world_size()
+        shards = _all_gather(local, etp_size, parallel_state.get_expert_tensor_parallel_group())
+        full = torch.cat(shards, dim=0 if rule.kind == "fc1" else 1)  # this rank's expert, every ETP shard
+        by_ep_rank = _all_gather(full, layout.ep_size, parallel_state.get_expert_model_parallel_group()
+                                 if layout.ep_size > 1 else None)
+        for ep_rank, tensor in enumerate(by_ep_rank):
+            other = next(r for r in expert_rules(layout, *rule.expert, ep_rank=ep_rank)
+                         if r.megatron == rule.megatron)
+            split = list(tensor.cpu().chunk(etp_size, dim=0 if rule.kind == "fc1" else 1))
+            for name, value in hf_tensors(other, split, layout).items():
+                yield name, value.contiguous()
 
 
 def gather_hf_state(model) -> dict[str, torch.Tensor]:
-    """Full HF state dict (CPU tensors) on every TP rank. Collective over the TP group."""
+    """Full HF state dict (CPU tensors) on every rank. Collective over the TP (and expert-parallel) group."""
     return dict(iter_hf_tensors(model))
 
 
@@ -409,8 +531,9 @@ def save_hf(model, hf_config, out_dir: str | os.PathLike, tokenizer_src=None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path | None:
     """Gather the TP shards of `model` and write an HF folder that transformers.AutoModelForCausalLM loads.
 
-    Collective: every rank calls it. The first data-parallel replica gathers; global rank 0 writes (other ranks
-    return None after a barrier). Weights are written in the model's dtype (model_info(model).dtype).
+    Collective: every rank calls it. The first data-parallel replica gathers (with expert parallelism every rank,
+    as the experts are spread over data-parallel ranks); global rank 0 writes (other ranks return None after a
+    barrier). Weights are written in the model's dtype (model_info(model).dtype).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -419,7 +542,7 @@ def save_hf(model, hf_config, out_dir: str | os.PathLike, tokenizer_src=None,
 
     writer = (not dist.is_initialized()) or dist.get_rank() == 0
     out = None
-    if parallel_state.get_data_parallel_rank() == 0:
+    if parallel_state.get_data_parallel_rank() == 0 or model_info(model).expert_parallel > 1:
         tensors = iter_hf_tensors(model)
         if writer:
             # One dtype for the whole folder: megatron's local-spec norms keep fp32 weights in a bf16 model.

@@ -179,14 +179,15 @@ def packed_sequence_logprobs(model, batch: Mapping[str, torch.Tensor], pack_leng
     mask = packed_attention_mask(packed["segment"], info.sliding_window)
     length = plan.packed_length
     position_ids = torch.arange(length, device=device).unsqueeze(0).expand(plan.packed_rows, length)
-    hidden = gpt_lib.hidden_states_with_mask(model, packed["input_ids"], position_ids, mask)
+    hidden = gpt_lib.hidden_states_with_mask(model, packed["input_ids"], position_ids, mask,
+                                             token_mask=packed["segment"] >= 0)
     out = logprobs_from_hidden(model, hidden, packed["input_ids"], packed["loss_mask"], chunk_size,
                                return_token_logprobs=True)
     sequence, column, packed_row, packed_column = _scatter(plan, device)
     per_token = out.token_logprobs[packed_row, packed_column]  # every attended token, 0 where not scored
-    rows = input_ids.shape[0]
-    sums = per_token.new_zeros(rows).index_add(0, sequence, per_token)
-    token_logprobs = None
-    if return_token_logprobs:
-        token_logprobs = per_token.new_zeros(input_ids.shape).index_put((sequence, column), per_token)
-    return SequenceLogProbs(sums=sums, counts=loss_mask.to(device).sum(dim=1), token_logprobs=token_logprobs)
+    # Back in the unpacked [R, T] layout and summed per row as the unpacked path sums: a sequential float32
+    # index_add over a row's ~100 tokens of about −6 each would lose ~1e-4 to rounding.
+    token_logprobs = per_token.new_zeros(input_ids.shape).index_put((sequence, column), per_token)
+    sums = token_logprobs.sum(dim=1)
+    return SequenceLogProbs(sums=sums, counts=loss_mask.to(device).sum(dim=1),
+                            token_logprobs=token_logprobs if return_token_logprobs else None)

@@ -28,6 +28,8 @@ class ParallelInfo:
     tp_rank: int
     dp_size: int
     dp_rank: int
+    ep_size: int = 1
+    ep_rank: int = 0
 
 
 _EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
@@ -112,11 +114,14 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def init_parallel(tp_size: int = 1, seed: int = 1234, backend: str | None = None) -> ParallelInfo:
-    """Initialise torch.distributed (if needed) and megatron's parallel state with TP = tp_size, DP = world/TP.
+def init_parallel(tp_size: int = 1, seed: int = 1234, backend: str | None = None,
+                  expert_parallel: int = 1) -> ParallelInfo:
+    """Initialise torch.distributed (if needed) and megatron's parallel state with TP = tp_size, DP = world/TP,
+    and (mixture-of-experts models) experts sharded over `expert_parallel` of the DP ranks (megatron's expert
+    model parallelism, EP; experts keep the TP sharding of the dense layers).
 
-    Calling it again with the same TP size is a no-op apart from re-seeding; a different TP size re-initialises
-    megatron's groups (the process group is kept).
+    Calling it again with the same sizes is a no-op apart from re-seeding; other sizes re-initialise megatron's
+    groups (the process group is kept).
     """
     from megatron.core import parallel_state
 
@@ -132,11 +137,18 @@ def init_parallel(tp_size: int = 1, seed: int = 1234, backend: str | None = None
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"tp_size={tp_size} does not divide the world size {world}")
+    if not isinstance(expert_parallel, int) or expert_parallel < 1:
+        raise ValueError(f"expert_parallel must be a positive integer, got {expert_parallel!r}")
+    if (world // tp_size) % expert_parallel:
+        raise ValueError(f"expert parallelism {expert_parallel} must divide the data-parallel size "
+                         f"{world // tp_size} (world {world} / tensor-parallel {tp_size})")
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tp_size:
+        if (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size()) != (tp_size, expert_parallel):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                                 expert_model_parallel_size=expert_parallel)
     set_seed(seed)
     return parallel_info()
 
@@ -151,6 +163,8 @@ def parallel_info() -> ParallelInfo:
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep_size=parallel_state.get_expert_model_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 

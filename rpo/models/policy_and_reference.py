@@ -32,25 +32,27 @@ def load_hf_config(hf_path: str | os.PathLike, trust_remote_code: bool = False):
 
 def load_policy(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype | str = torch.float32,
                 vocab_divisible_by: int = 128, use_te: bool | None = None, trust_remote_code: bool = False,
-                recompute: str = "none", sequence_parallel: bool = False):
-    """(model, hf_config, tokenizer): this rank's TP shard of a GPTModel holding the HF folder's weights.
+                recompute: str = "none", sequence_parallel: bool = False, moe_aux_loss_coeff: float | None = None):
+    """(model, hf_config, tokenizer): this rank's TP (and EP) shard of a GPTModel holding the HF folder's weights.
 
-    Initialises torch.distributed and megatron's parallel state for `tp_size` if that has not been done.
-    `recompute`: activation recomputation in training mode ("none", "selective", "full"; see
-    rpo.models.gpt.recompute_settings). `sequence_parallel`: megatron's sequence parallelism (TP > 1; see
-    rpo.models.gpt.build_gpt_model).
+    Initialises torch.distributed and megatron's parallel state for `tp_size` if that has not been done (expert
+    parallelism: call rpo.models.init_parallel(tp_size, expert_parallel=N) first). `recompute`: activation
+    recomputation in training mode ("none", "selective", "full"; see rpo.models.gpt.recompute_settings).
+    `sequence_parallel`: megatron's sequence parallelism (TP > 1; see rpo.models.gpt.build_gpt_model).
+    `moe_aux_loss_coeff`: a mixture-of-experts model's load-balancing loss weight (None: the config's).
     """
     from transformers import AutoTokenizer
 
     model, hf_config = load_gpt_model(hf_path, tp_size, dtype, vocab_divisible_by, use_te, trust_remote_code,
-                                      recompute, sequence_parallel)
+                                      recompute, sequence_parallel, moe_aux_loss_coeff)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
     return model, hf_config, tokenizer
 
 
 def load_gpt_model(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dtype | str = torch.float32,
                    vocab_divisible_by: int = 128, use_te: bool | None = None, trust_remote_code: bool = False,
-                   recompute: str = "none", sequence_parallel: bool = False):
+                   recompute: str = "none", sequence_parallel: bool = False,
+                   moe_aux_loss_coeff: float | None = None):
     """(model, hf_config): `load_policy` without the tokenizer (a reference model's folder needs none)."""
     from megatron.core import parallel_state
 
@@ -62,7 +64,8 @@ def load_gpt_model(hf_path: str | os.PathLike, tp_size: int = 1, dtype: torch.dt
     hf_config = load_hf_config(hf_path, trust_remote_code)
     model = gpt_lib.build_gpt_model(hf_config, tp_size=tp_size, dtype=resolve_dtype(dtype),
                                     vocab_divisible_by=vocab_divisible_by, use_te=use_te, initialize=False,
-                                    recompute=recompute, sequence_parallel=sequence_parallel)
+                                    recompute=recompute, sequence_parallel=sequence_parallel,
+                                    moe_aux_loss_coeff=moe_aux_loss_coeff)
     hf_checkpoint.load_hf_weights(model, hf_path)
     return model, hf_config
 

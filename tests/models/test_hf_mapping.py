@@ -92,7 +92,7 @@ def test_padded_vocab_size():
 def test_config_errors_name_the_option():
     from transformers import LlamaConfig
 
-    from rpo.models.gpt import rope_settings, transformer_config_from_hf
+    from rpo.models.gpt import transformer_config_from_hf
 
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         transformer_config_from_hf(tiny_config("llama"), tp_size=4)
@@ -100,22 +100,48 @@ def test_config_errors_name_the_option():
         transformer_config_from_hf(LlamaConfig(hidden_act="gelu"), tp_size=1)
     with pytest.raises(ValueError, match="attention_bias"):
         transformer_config_from_hf(LlamaConfig(attention_bias=True), tp_size=1)
-    llama3 = LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192})
-    assert rope_settings(llama3) == {"rotary_base": 500000.0, "rope_scaling": True, "rope_scaling_factor": 32.0}
-    with pytest.raises(ValueError, match="rope type 'yarn'"):
-        rope_settings(LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope type 'longrope'"):
+        transformer_config_from_hf(LlamaConfig(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                                "short_factor": [1.0] * 64, "long_factor": [1.0] * 64,
+                                                                "original_max_position_embeddings": 2048}), tp_size=1)
+
+
+def test_rope_frequencies_are_transformers_own():
+    """Every RoPE type rpo accepts uses transformers' inverse frequencies (bit for bit) and attention factor;
+    llama3 with non-default low/high frequency factors too (megatron-core's own llama3 scaling fixes them)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from rpo.models.architectures import architecture
+
+    configs = [
+        LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+        LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                     "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                                     "original_max_position_embeddings": 4096}),
+        LlamaConfig(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}),
+        LlamaConfig(max_position_embeddings=131072, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6,
+                                                                     "factor": 4.0,
+                                                                     "original_max_position_embeddings": 32768}),
+    ]
+    for config in configs:
+        rope = architecture(config).rope["full_attention"]
+        hf = LlamaRotaryEmbedding(config)
+        assert torch.equal(rope.inv_freq, hf.inv_freq), rope.rope_type
+        assert rope.attention_scaling == hf.attention_scaling
+    assert architecture(configs[3]).rope["full_attention"].attention_scaling == pytest.approx(0.1 * 1.3862944 + 1)
 
 
 def test_transformer_config_takes_eps_theta_groups_window_from_hf():
-    from rpo.models.gpt import rope_settings, transformer_config_from_hf
+    from rpo.models.architectures import architecture
+    from rpo.models.gpt import transformer_config_from_hf
 
     llama, mistral = tiny_config("llama"), tiny_config("mistral")
     tc = transformer_config_from_hf(llama, tp_size=1)
     assert tc.layernorm_epsilon == 1e-5 and tc.num_query_groups == 2 and tc.kv_channels == 16
     assert tc.normalization == "RMSNorm" and tc.gated_linear_unit and tc.window_size is None
-    assert rope_settings(llama)["rotary_base"] == 5000.0 and rope_settings(mistral)["rotary_base"] == 20000.0
+    assert architecture(llama).layer_rope(0).theta == 5000.0
+    assert architecture(mistral).layer_rope(1).theta == 20000.0
     assert transformer_config_from_hf(mistral, tp_size=1).layernorm_epsilon == 1e-6
     # With TE the window goes in the config: HF's W counts the query itself, megatron's left size does not.
     assert transformer_config_from_hf(mistral, tp_size=1, use_te=True).window_size == (SLIDING_WINDOW - 1, 0)
