@@ -7,6 +7,10 @@ tokens of one forward (padding excluded),
     f_e = Σ_l #(tokens whose top-k includes e in layer l) / (L·N),   P_e = Σ_l Σ_t softmax(router logits)_te / (L·N)
     load_balancing_loss = E · Σ_e f_e · P_e,          added to the training loss × router_aux_loss_coef.
 
+The tokens are those of the forward on every data-parallel rank together (the counts are summed over the DP
+group, and over the TP group with sequence parallelism, where each TP rank routes a shard of the sequence): the
+loss is transformers' on the whole micro-batch, whatever the layout (TP, DP, EP), as if one process had run it.
+
 megatron-core's own aux losses are not used (`moe_router_load_balancing_type="none"`): they are per layer and
 divided by top-k, so with the config's coefficient they would be a different loss. f is pooled over all layers,
 so a layer's gradient, coeff · E · f_e / (L·N) per token and expert, is only known once every layer has routed.
@@ -14,11 +18,12 @@ As megatron's MoEAuxLossAutoScaler does for its losses, the gradient is injected
 probabilities pass through `_InjectBalancingGrad`, whose backward adds the loss's gradient with respect to that
 layer's router softmax. So the loss reaches the weights through any backward of the model's output — the
 trainer's, the two-pass contrast's second pass — and through megatron's activation recomputation (the router runs
-again in backward and re-attaches it; the counts recorded in the forward are complete by then).
+again in backward and re-attaches it; the counts recorded in the forward are complete by then). The reduction
+over the DP group happens once per forward, at the first backward or `loss()`: every rank of the group must run
+them (the trainer does).
 
-`backward_scale` (set by the trainer for each micro-batch) weights the loss like the micro-batch's share of the
-global batch, as the separable part of the preference loss is weighted (rows · W / rows_global): after megatron
-DDP's gradient averaging the step's gradient is that of the row-weighted mean of the micro-batches' losses.
+`backward_scale` (set by the trainer for each micro-batch: W / A for W data-parallel ranks and A micro-batches)
+makes the step's gradient, after megatron DDP's averaging over W, that of the mean of the micro-batches' losses.
 """
 from __future__ import annotations
 
@@ -31,15 +36,16 @@ from megatron.core.transformer.moe.router import TopKRouter
 class LoadBalancing:
     """The load-balancing loss of one model's latest forward (one object per model, shared by its routers).
 
-    With sequence parallelism each tensor-parallel rank routes its shard of the sequence: the counts and the
-    number of real tokens are summed over the TP group (once per forward, when first needed), and each rank's
-    backward adds the gradient of its own tokens (megatron's finalize_model_grads then sums the router weight's
-    gradients over the group, as for every sequence-parallel weight).
+    The counts, probability sums and number of real tokens are summed over `reduce_group` (the ranks holding the
+    forward's tokens: data parallel, × tensor parallel with sequence parallelism) once per forward, when first
+    needed; each rank's backward adds the gradient through its own tokens (megatron DDP then averages over DP,
+    and finalize_model_grads sums the router weight's gradients over TP with sequence parallelism, as for every
+    sequence-parallel weight).
     """
 
-    def __init__(self, num_experts: int, top_k: int, coeff: float, num_layers: int, tp_group=None):
+    def __init__(self, num_experts: int, top_k: int, coeff: float, num_layers: int, reduce_group=None):
         self.num_experts, self.top_k, self.coeff, self.num_layers = num_experts, top_k, float(coeff), num_layers
-        self.tp_group = tp_group  # set with sequence parallelism: the counts are partial per rank
+        self.reduce_group = reduce_group
         self.backward_scale = 1.0
         self._valid: Optional[torch.Tensor] = None  # [N'] float, 1 for a real token, in megatron's [s, b] order
         self._counts: dict[int, torch.Tensor] = {}
@@ -78,18 +84,18 @@ class LoadBalancing:
         return probs
 
     def _reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Σ_l counts, Σ_l probability sums, real tokens) of this forward, over the TP group with sequence
-        parallelism; computed once per forward."""
+        """(Σ_l counts, Σ_l probability sums, real tokens) of this forward over `reduce_group`; computed once
+        per forward (a collective: every rank of the group calls it)."""
         if self._totals is None:
             if len(self._counts) != self.num_layers:
                 raise RuntimeError(f"load-balancing loss: {len(self._counts)} of {self.num_layers} MoE layers "
                                    f"routed in this forward")
             totals = torch.cat([sum(self._counts.values()), sum(self._prob_sums.values()),
                                 self._valid_count.reshape(1).float()])
-            if self.tp_group is not None and self.tp_group.size() > 1:
+            if self.reduce_group is not None and self.reduce_group.size() > 1:
                 import torch.distributed as dist
 
-                dist.all_reduce(totals, group=self.tp_group)
+                dist.all_reduce(totals, group=self.reduce_group)
             e = self.num_experts
             self._totals = (totals[:e], totals[e:2 * e], totals[2 * e].clamp(min=1))
         return self._totals
@@ -163,8 +169,11 @@ def attach_load_balancing(gpt, num_experts: int, top_k: int, coeff: float) -> Lo
     routers = [m for m in gpt.modules() if isinstance(m, LoadBalancedRouter)]
     if not routers:
         raise ValueError("this model has no LoadBalancedRouter (build it with rpo.models.build_gpt_model)")
-    tp_group = parallel_state.get_tensor_model_parallel_group() if gpt.config.sequence_parallel else None
-    balance = LoadBalancing(num_experts, top_k, coeff, num_layers=len(routers), tp_group=tp_group)
+    # The ranks whose tokens make up one forward's micro-batch: the DP group (TP ranks hold the same tokens), or
+    # with sequence parallelism TP × DP (each TP rank holds a shard of the sequence).
+    reduce_group = (parallel_state.get_tensor_and_data_parallel_group() if gpt.config.sequence_parallel
+                    else parallel_state.get_data_parallel_group())
+    balance = LoadBalancing(num_experts, top_k, coeff, num_layers=len(routers), reduce_group=reduce_group)
     for router in routers:
         router.balance = balance
     gpt.rpo_load_balancing = balance
@@ -176,3 +185,67 @@ def load_balancing(model) -> Optional[LoadBalancing]:
     from rpo.models.gpt import unwrap
 
     return getattr(unwrap(model), "rpo_load_balancing", None)
+
+
+class _NoRouterLoss:
+    """What `weight_router_loss` returns for a dense model."""
+
+    @staticmethod
+    def metrics() -> dict:
+        return {}
+
+
+def weight_router_loss(model, weight: float):
+    """Weight the router loss of `model`'s next training forward's backward by `weight` (the trainer's
+    micro-batch weight); returns the model's LoadBalancing (or a stand-in for a dense model), whose `metrics()`
+    after that forward are the values to log."""
+    balance = load_balancing(model)
+    if balance is None:
+        return _NoRouterLoss()
+    balance.backward_scale = float(weight)
+    return balance
+
+
+def _expert_main_params(optimizer) -> set:
+    """ids of the parameters a megatron optimizer wrapper steps that belong to expert-parallel experts
+    (megatron tags those model parameters `allreduce=False`; a bf16 wrapper's fp32 copies follow their model
+    parameter's position)."""
+    ids = set()
+    pairs = []
+    if hasattr(optimizer, "float16_groups"):  # Float16OptimizerWithFloat16Params: model params and fp32 copies
+        for model_group, main_group in zip(optimizer.float16_groups, optimizer.fp32_from_float16_groups):
+            pairs += list(zip(model_group, main_group))
+        pairs += [(p, p) for group in optimizer.fp32_from_fp32_groups for p in group]
+    else:
+        pairs = [(p, p) for p in optimizer.get_parameters()]
+    for model_param, main_param in pairs:
+        if not getattr(model_param, "allreduce", True):
+            ids.add(id(main_param))
+    return ids
+
+
+def expert_parallel_grad_norm(optimizer) -> float:
+    """The global gradient L2 norm with expert parallelism: the dense parameters' norm over the model-parallel
+    group (tensor-parallel duplicates counted once), plus the experts' over the expert tensor × expert-parallel
+    group (each rank's experts are its own), as megatron-core's per-group optimizers compute them."""
+    import math
+
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.transformer.module import param_is_not_shared
+
+    expert_ids = _expert_main_params(optimizer)
+    dense, experts = [], []
+    expert_tp_group = parallel_state.get_expert_tensor_parallel_group()
+    for param in optimizer.get_parameters():
+        if param.grad is None or not param_is_not_shared(param):
+            continue
+        if id(param) in expert_ids:
+            if tensor_parallel.param_is_not_tensor_parallel_duplicate(param, expert_tp_group):
+                experts.append(param.grad)
+        elif tensor_parallel.param_is_not_tensor_parallel_duplicate(param):
+            dense.append(param.grad)
+    dense_norm = get_grad_norm_fp32(dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    expert_norm = get_grad_norm_fp32(
+        experts, grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    return math.sqrt(float(dense_norm) ** 2 + float(expert_norm) ** 2)

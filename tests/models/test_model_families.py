@@ -20,7 +20,7 @@ import torch
 
 import multirank
 from tiny_hf_models import (
-    FAMILIES, LONG_LENGTH, MOE_FAMILIES, VOCAB, hf_load_balancing_loss, hf_token_logprobs_float64, long_batch,
+    FAMILIES, MOE_FAMILIES, VOCAB, hf_hub_grads, hf_load_balancing_loss, hf_token_logprobs_float64, long_batch,
     read_safetensors_folder, tiny_config, tiny_hf_model, tiny_tokenizer,
 )
 
@@ -233,7 +233,7 @@ def test_load_balancing_loss_and_gradient_equal_transformers(one_process, kind, 
     layout = _model_layout(model)
     for rule in rules(layout):
         grads.update(hf_tensors(rule, [params[rule.megatron].grad], layout))
-    reference = _hub_grads(hf64, kind)
+    reference = hf_hub_grads(hf64, kind)
     assert set(grads) >= set(reference) - {"lm_head.weight"}
     router_moved = 0.0
     for name, grad in reference.items():
@@ -241,30 +241,6 @@ def test_load_balancing_loss_and_gradient_equal_transformers(one_process, kind, 
         if "gate.weight" in name:
             router_moved = max(router_moved, grad.abs().max().item())
     assert router_moved > 1e-3
-
-
-def _hub_grads(model, kind) -> dict:
-    """Gradients of an HF model under checkpoint (hub) names: fused expert gradients split per expert."""
-    out = {}
-    for name, param in model.named_parameters():
-        grad = param.grad.detach()
-        if name.endswith("experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            prefix = prefix.replace("mlp.", "block_sparse_moe.") if kind == "mixtral" else prefix
-            gate, up = ("w1", "w3") if kind == "mixtral" else ("gate_proj", "up_proj")
-            for e, fused in enumerate(grad):
-                g, u = fused.chunk(2, dim=0)
-                out[f"{prefix}{e}.{gate}.weight"], out[f"{prefix}{e}.{up}.weight"] = g, u
-        elif name.endswith("experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            prefix = prefix.replace("mlp.", "block_sparse_moe.") if kind == "mixtral" else prefix
-            for e, single in enumerate(grad):
-                out[f"{prefix}{e}.{'w2' if kind == 'mixtral' else 'down_proj'}.weight"] = single
-        elif kind == "mixtral" and ".mlp.gate." in name:
-            out[name.replace(".mlp.", ".block_sparse_moe.")] = grad
-        else:
-            out[name] = grad
-    return out
 
 
 def test_family_features_change_transformers_output():

@@ -20,7 +20,7 @@ LONG_LENGTH = 96  # long enough for the windows and RoPE scalings to matter, row
 FAMILY_WINDOW = 9
 
 
-def tiny_config(kind: str):
+def tiny_config(kind: str, vocab: int = VOCAB, special_ids: tuple = (1, 2, 3)):
     """Tiny configs. llama: untied, θ 5000, ε 1e-5. mistral: window 4 on every layer, tied. qwen2: q/k/v bias,
     tied, yarn RoPE (factor 4 over 32 original positions), window on layer 1 only (max_window_layers=1). qwen3:
     q/k norms, head_dim 24 ≠ 64/4, linear RoPE (factor 2), untied. gemma3: every Gemma 3 text feature, layers
@@ -30,9 +30,10 @@ def tiny_config(kind: str):
     from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config,
                               Qwen3MoeConfig)
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    pad, bos, eos = special_ids
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  initializer_range=0.2, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+                  initializer_range=0.2, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
     if kind == "llama":  # untied, non-default θ and ε
         return LlamaConfig(rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, **common)
     if kind == "mistral":
@@ -65,13 +66,13 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
-def tiny_hf_model(kind: str, seed: int):
+def tiny_hf_model(kind: str, seed: int, **config_options):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     # Eager attention and, for MoE, eager experts (the grouped-matmul default has no float64 kernel).
     extra = {"experts_implementation": "eager"} if kind in MOE_FAMILIES else {}
-    model = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager",
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **config_options), attn_implementation="eager",
                                              dtype=torch.float32, **extra)
     with torch.no_grad():  # norms away from 1 (Gemma's 1 + w: w away from 0), so a misplaced norm changes the output
         for name, param in model.named_parameters():
@@ -200,4 +201,28 @@ def read_safetensors_folder(folder: Path) -> dict:
     out = {}
     for file in sorted(folder.glob("*.safetensors")):
         out.update(load_file(file))
+    return out
+
+
+def hf_hub_grads(model, kind) -> dict:
+    """Gradients of an HF model under checkpoint (hub) names: fused expert gradients split per expert."""
+    out = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.detach()
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            prefix = prefix.replace("mlp.", "block_sparse_moe.") if kind == "mixtral" else prefix
+            gate, up = ("w1", "w3") if kind == "mixtral" else ("gate_proj", "up_proj")
+            for e, fused in enumerate(grad):
+                g, u = fused.chunk(2, dim=0)
+                out[f"{prefix}{e}.{gate}.weight"], out[f"{prefix}{e}.{up}.weight"] = g, u
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            prefix = prefix.replace("mlp.", "block_sparse_moe.") if kind == "mixtral" else prefix
+            for e, single in enumerate(grad):
+                out[f"{prefix}{e}.{'w2' if kind == 'mixtral' else 'down_proj'}.weight"] = single
+        elif kind == "mixtral" and ".mlp.gate." in name:
+            out[name.replace(".mlp.", ".block_sparse_moe.")] = grad
+        else:
+            out[name] = grad
     return out
