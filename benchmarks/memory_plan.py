@@ -196,6 +196,33 @@ PUBLISHED = {
     "LLaMA-2-70B": dict(model_type="llama", num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=28672, vocab_size=32000, tie_word_embeddings=False),
 }
+# The families added by issue 25, from their config.json numbers (Qwen/Qwen3-8B, Qwen/Qwen2.5-32B-Instruct, the
+# text_config of google/gemma-3-27b-it, mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B).
+PUBLISHED_FAMILIES = {
+    "Qwen3-8B": dict(model_type="qwen3", num_hidden_layers=36, hidden_size=4096, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
+                     tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     max_position_embeddings=40960),
+    "Qwen2.5-32B": dict(model_type="qwen2", num_hidden_layers=64, hidden_size=5120, num_attention_heads=40,
+                        num_key_value_heads=8, intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+                        use_sliding_window=False, sliding_window=131072, max_window_layers=70),
+    "Gemma-3-27B": dict(model_type="gemma3_text", num_hidden_layers=62, hidden_size=5376, num_attention_heads=32,
+                        num_key_value_heads=16, head_dim=128, intermediate_size=21504, vocab_size=262208,
+                        tie_word_embeddings=True, query_pre_attn_scalar=168, sliding_window=1024,
+                        sliding_window_pattern=6, rms_norm_eps=1e-6, max_position_embeddings=131072,
+                        rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "Mixtral-8x7B": dict(model_type="mixtral", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False,
+                         num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02, rms_norm_eps=1e-5,
+                         rope_theta=1000000.0, max_position_embeddings=32768),
+    "Qwen3-30B-A3B": dict(model_type="qwen3_moe", num_hidden_layers=48, hidden_size=2048, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.001,
+                          vocab_size=151936, tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          max_position_embeddings=40960),
+}
 # nvidia-smi's total memory of an 80 GB H100 (81559 MiB) and a 141 GB H200 (143771 MiB), in GiB.
 GPU_MEMORY_GIB = {"80 GB": 79.6, "141 GB": 140.4}
 # The paper's setting: 64 pairs per step, 512 tokens (256 prompt), bf16, RMSprop, a reference model kept.
@@ -215,49 +242,64 @@ def _scaling_plans(model: dict, gpus: int, gpu_gib: float, attention: str, forea
     """Every (TP, option combination, micro-batch) of the paper's setting on `gpus` GPUs that the plan allows."""
     from rpo.models.memory_plan import estimate_memory
 
+    experts = model.get("num_local_experts") or model.get("num_experts") or 0
     for tp in (1, 2, 4, 8):
         if gpus % tp or model["num_attention_heads"] % tp or model["num_key_value_heads"] % tp:
             continue
         dp = gpus // tp
         for rank, options in enumerate(OPTION_LADDER):
-            for sequence_parallel in ((False, True) if tp > 1 else (False,)):
-                for pairs in (8, 4, 2, 1):
-                    if PAPER["global_pairs"] % (pairs * dp):
+            # Mixture of experts: megatron's MoE layer trains at TP > 1 only with sequence parallelism; the trainer
+            # runs expert parallelism without the distributed optimizer.
+            for sequence_parallel in ((True,) if experts and tp > 1 else (False, True) if tp > 1 else (False,)):
+                for ep in ([e for e in (1, 2, 4, 8) if dp % e == 0 and experts % e == 0] if experts else [1]):
+                    if ep > 1 and options["distributed_optimizer"]:
                         continue
-                    plan = estimate_memory(
-                        model, tensor_parallel=tp, data_parallel=dp, micro_batch_pairs=pairs,
-                        max_length=PAPER["max_length"], prompt_length=PAPER["prompt_length"], dtype=PAPER["dtype"],
-                        # megatron-core's DistributedOptimizer takes Adam(W) only: the trainer refuses rmsprop.
-                        optimizer="adamw" if options["distributed_optimizer"] else PAPER["optimizer"],
-                        reference=reference, attention=attention,
-                        sequence_parallel=sequence_parallel, optimizer_foreach=foreach,
-                        gpu_memory_gb=gpu_gib * headroom, **options)
-                    yield rank, plan
+                    for pairs in (8, 4, 2, 1):
+                        if PAPER["global_pairs"] % (pairs * dp):
+                            continue
+                        plan = estimate_memory(
+                            model, tensor_parallel=tp, data_parallel=dp, expert_parallel=ep,
+                            micro_batch_pairs=pairs, max_length=PAPER["max_length"],
+                            prompt_length=PAPER["prompt_length"], dtype=PAPER["dtype"],
+                            # megatron-core's DistributedOptimizer takes Adam(W) only: the trainer refuses rmsprop.
+                            optimizer="adamw" if options["distributed_optimizer"] else PAPER["optimizer"],
+                            reference=reference, attention=attention,
+                            sequence_parallel=sequence_parallel, optimizer_foreach=foreach,
+                            gpu_memory_gb=gpu_gib * headroom, **options)
+                        yield rank, plan
 
 
 def _scaling(args) -> int:
     """Print the recommended (and the plain) layout of each published model per GPU size; no training."""
     gib = 2**30
     rows = []
-    for name, model in PUBLISHED.items():
-        for gpu, gpu_gib in GPU_MEMORY_GIB.items():
+    published = PUBLISHED_FAMILIES if args.families else PUBLISHED
+    gpu_sizes = {"80 GB": GPU_MEMORY_GIB["80 GB"]} if args.families else GPU_MEMORY_GIB
+    for name, model in published.items():
+        for gpu, gpu_gib in gpu_sizes.items():
             for gpus in ((8, 16, 32, 64) if "70B" in name else (8,)):
                 plans = list(_scaling_plans(model, gpus, gpu_gib, args.attention,
                                             False if args.no_foreach else None, args.headroom, args.reference))
-                fitting = [(plan.settings.tensor_parallel, rank, plan.settings.sequence_parallel,
-                            -plan.settings.micro_batch_pairs, index, plan)
+                fitting = [(plan.settings.tensor_parallel, rank, plan.settings.expert_parallel,
+                            plan.settings.sequence_parallel, -plan.settings.micro_batch_pairs, index, plan)
                            for index, (rank, plan) in enumerate(plans) if plan.fits]
                 if fitting:
                     plan = min(fitting)[-1]
-                    plain = min((p for r, p in plans if r == 0 and not p.settings.sequence_parallel
-                                 and p.settings.tensor_parallel == plan.settings.tensor_parallel),
+                    tp = plan.settings.tensor_parallel
+                    # Sequence parallelism is an option, except for MoE at TP > 1 (megatron's MoE layer needs it).
+                    plain = min((p for r, p in plans if r == 0 and p.settings.tensor_parallel == tp
+                                 and p.settings.expert_parallel == plan.settings.expert_parallel
+                                 and p.settings.sequence_parallel == (plan.shape.is_moe and tp > 1)),
                                 key=lambda p: p.settings.micro_batch_pairs)
                 else:
                     plan = plain = min((p for _, p in plans), key=lambda p: p.peak_bytes)
                 s = plan.settings
+                shape = plan.shape
                 rows.append({
                     "model": name, "gpu": gpu, "gpus": gpus, "fits": "yes" if plan.fits else "no",
-                    "tp": s.tensor_parallel, "dp": s.data_parallel, "micro_pairs": s.micro_batch_pairs,
+                    "params_b": shape.parameters() / 1e9, "active_b": shape.active_parameters() / 1e9,
+                    "tp": s.tensor_parallel, "dp": s.data_parallel, "ep": s.expert_parallel,
+                    "micro_pairs": s.micro_batch_pairs,
                     "recompute": s.recompute, "distributed_optimizer": "on" if s.distributed_optimizer else "off",
                     "sequence_parallel": "on" if s.sequence_parallel else "off",
                     "weights_states_gib": (plan.persistent - plan.attention_buffer) / gib,
@@ -271,6 +313,9 @@ def _scaling(args) -> int:
                ("weights+grads+optimizer+reference (GiB)", "weights_states_gib", ".1f"),
                ("activations (GiB)", "activations_gib", ".1f"), ("peak (GiB)", "peak_gib", ".1f"),
                ("peak without options, micro 1 (GiB)", "plain_peak_gib", ".1f")]
+    if args.families:
+        columns[1:1] = [("parameters (B)", "params_b", ".2f"), ("active (B)", "active_b", ".2f")]
+        columns.insert(columns.index(("DP", "dp", "")) + 1, ("EP", "ep", ""))
     print(f"Paper setting: {dict(PAPER, reference=args.reference)}; attention {args.attention}; optimizer foreach "
           f"{'off' if args.no_foreach else 'torch default (on for CUDA)'}; GPU memory {GPU_MEMORY_GIB} GiB; "
           f"fits = peak within {args.headroom:.0%} of it; rows that do not fit show the smallest peak found")
@@ -282,6 +327,9 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="print the plan of LLaMA-2 7B/13B/70B and Mistral-7B at the paper's setting on 80 GB "
                         "and 141 GB GPUs (no measurement)")
+    parser.add_argument("--families", action="store_true",
+                        help="with --scaling: Qwen3-8B, Qwen2.5-32B, Gemma-3-27B, Mixtral-8x7B and Qwen3-30B-A3B on "
+                        "8 x 80 GB instead of LLaMA-2/Mistral (experts split over TP x EP, EP over the DP ranks)")
     parser.add_argument("--attention", choices=("local", "flash"), default="local",
                         help="with --scaling: megatron-core's local attention or Transformer Engine's fused one")
     parser.add_argument("--headroom", type=float, default=0.9,

@@ -12,8 +12,12 @@ n = b·(s − prompt) scored tokens, c = min(chunk, n) tokens per log-prob chunk
 parameter/compute dtype (2 bf16, 4 fp32), sp = t with sequence parallelism else 1.
 
 Parameters on one GPU (TP shards everything except the RMSNorm weights):
-    per layer  (h·(a+2g)·d + a·d·h + 3·h·f) / t + 2h        QKV, output projection, gate+up, down; two norms
+    per layer  (h·(a+2g)·d + a·d·h + 3·h·f) / t + n·h       QKV, output projection, gate+up, down; n norms (2;
+               Gemma 3: 4) (+ (a+2g)·d / t with Qwen2's q/k/v bias, + 2d with q/k norms)
+    MoE layer  the attention part as above + E·h (the router, replicated) + (E/x)·3·h·f_e / t: E experts of
+               intermediate size f_e, split over the x expert-parallel ranks and the t (expert-)TP ranks
     embedding  V·h / t;  output layer V·h / t unless tied;  final norm h
+Active parameters (what one token goes through; MoE models) count k of the E experts.
 Persistent bytes, N = parameters on this GPU:
     parameters      e·N
     gradients       4·N            megatron DDP with grad_reduce_in_fp32=True keeps one fp32 buffer (not sharded
@@ -40,6 +44,14 @@ local layers actually save):
                     e·s·b·d·(2a + 2g) / t + 4·b·a·s / t     Q, K, V, output and the softmax statistics
     SwiGLU MLP      5·e·s·b·f / t      gate+up output (kept by silu's view of the gate), silu(gate), up + 0
                                        (megatron's glu_linear_offset makes a new tensor), and the down input
+                                       (GeGLU, Gemma 3: the same)
+    MoE MLP         8·s·b·E / sp + e·s·b·k·h + 6·e·s·b·k·f_e / t    the router's two fp32 softmaxes (routing and the
+                                       load-balancing loss), each token's k expert copies (the experts' input) and
+                                       the experts' gated MLPs over those s·b·k tokens (+ the routing probabilities
+                                       applied to the intermediate activations); assumes balanced routing
+    q/k norms       (r + e)·s·b·(a+g)·d / t + 4·s·b·(a+g) / t   the norm's input copy, its output (kept by RoPE) and
+                                       1/rms (selective recomputation: r instead of r + e)
+    Gemma's norms   its four (1 + w) RMSNorms are rpo's modules of torch ops: r = 8 on every device
 With selective recomputation (megatron's core_attn) the attention keeps only the core attention's inputs and
 output: e·s·b·d·(a + g + a+2g + a) / t (Q and K after RoPE, V's view keeping the fused QKV output, context) — or
 e·s·b·d·(2a+2g)/t for flash. With full recomputation (uniform, one layer per checkpoint) a layer keeps its input,
@@ -60,7 +72,8 @@ Working sets on top of the activations (the largest counts; `working` is it minu
     attention buffer    e·b·a·s²/t: megatron's GlobalMemoryBuffer for QKᵀ, allocated once and kept (CUDA only:
                         on CPU its pages are never written, so never resident)
 Peak = persistent + overhead + max(activations + log-prob chunk + working, optimizer step).
-Not modelled: pipeline and context parallelism (the trainer runs TP × DP only), packing, fragmentation.
+Not modelled: pipeline and context parallelism (the trainer runs TP × DP (× EP) only), packing, fragmentation,
+imbalanced expert routing (a rank's experts may receive more than s·b·k/x tokens' share).
 """
 from __future__ import annotations
 
@@ -83,7 +96,7 @@ _DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4}
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The numbers of an HF LLaMA/Mistral config that decide memory."""
+    """The numbers of an HF config (any family of rpo.models.architectures) that decide memory."""
 
     model_type: str
     num_layers: int
@@ -94,39 +107,80 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3, Gemma 3
+    norms_per_layer: int = 2  # Gemma 3: 4 (post-attention and post-feedforward norms)
+    composite_norms: bool = False  # Gemma's (1 + w) RMSNorm is rpo's own module of torch ops, never fused
+    num_experts: int = 0  # mixture of experts: every layer's MLP is E experts of expert_intermediate_size
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "ModelShape":
-        """From a config.json dict or a transformers config object."""
-        get = hf_config.get if isinstance(hf_config, Mapping) else (lambda key, default=None:
-                                                                     getattr(hf_config, key, default))
-        model_type = get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-        missing = [key for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                                   "vocab_size") if get(key) is None]
-        if missing:
-            raise ValueError(f"the model config has no {missing}")
-        heads = int(get("num_attention_heads"))
-        return cls(model_type=model_type, num_layers=int(get("num_hidden_layers")),
-                   hidden_size=int(get("hidden_size")), num_heads=heads,
-                   num_kv_heads=int(get("num_key_value_heads") or heads),
-                   head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
-                   intermediate_size=int(get("intermediate_size")), vocab_size=int(get("vocab_size")),
-                   # LlamaConfig and MistralConfig default to untied embeddings.
-                   tie_word_embeddings=bool(get("tie_word_embeddings", False)))
+        """From a config.json dict or a transformers config object (refused families raise, naming the feature)."""
+        from rpo.models.architectures import architecture
 
-    def layer_parameters(self, tp: int = 1) -> int:
-        h, d = self.hidden_size, self.head_dim
-        sharded = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h \
-            + 3 * h * self.intermediate_size
-        return sharded // tp + 2 * h
+        if isinstance(hf_config, Mapping):
+            values = dict(hf_config)
+            model_type = values.pop("model_type", None)
+            if model_type not in SUPPORTED_MODEL_TYPES:
+                from rpo.models.architectures import check_model_type
 
-    def parameters(self, tp: int = 1, vocab: int | None = None) -> int:
-        """Parameters on one of `tp` ranks; `vocab` defaults to the config's (unpadded, as HF counts)."""
+                check_model_type(type("Config", (), {"model_type": model_type})())  # raises, naming the family
+            missing = [key for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                       "intermediate_size", "vocab_size") if values.get(key) is None]
+            if missing:
+                raise ValueError(f"the model config has no {missing}")
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.for_model(model_type, **values)
+        arch = architecture(hf_config)
+        moe = arch.moe
+        return cls(model_type=arch.model_type, num_layers=arch.num_layers, hidden_size=arch.hidden_size,
+                   num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                   intermediate_size=arch.ffn_hidden_size, vocab_size=arch.vocab_size,
+                   tie_word_embeddings=arch.tied_embeddings, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm,
+                   norms_per_layer=4 if arch.post_norms else 2, composite_norms=arch.zero_centered_norms,
+                   num_experts=moe.num_experts if moe else 0, experts_per_token=moe.top_k if moe else 0,
+                   expert_intermediate_size=moe.ffn_hidden_size if moe else 0)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def _attention_parameters(self, tp: int) -> int:
+        h, d, a, g = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
+        sharded = h * (a + 2 * g) * d + a * d * h + ((a + 2 * g) * d if self.qkv_bias else 0)
+        return sharded // tp + self.norms_per_layer * h + (2 * d if self.qk_norm else 0)
+
+    def expert_parameters(self) -> int:
+        """One expert's parameters (gate, up, down)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    def layer_parameters(self, tp: int = 1, ep: int = 1) -> int:
+        """One layer's parameters on one of `tp` tensor-parallel (and, experts, `ep` expert-parallel) ranks."""
+        if not self.is_moe:
+            return self._attention_parameters(tp) + 3 * self.hidden_size * self.intermediate_size // tp
+        router = self.num_experts * self.hidden_size  # replicated
+        return (self._attention_parameters(tp) + router
+                + self.num_experts // ep * self.expert_parameters() // tp)
+
+    def parameters(self, tp: int = 1, vocab: int | None = None, ep: int = 1) -> int:
+        """Parameters on one of `tp` (× `ep`) ranks; `vocab` defaults to the config's (unpadded, as HF counts)."""
         vocab = self.vocab_size if vocab is None else vocab
         embeddings = (1 if self.tie_word_embeddings else 2) * vocab * self.hidden_size // tp
-        return self.num_layers * self.layer_parameters(tp) + embeddings + self.hidden_size
+        return self.num_layers * self.layer_parameters(tp, ep) + embeddings + self.hidden_size
+
+    def expert_parameters_per_gpu(self, tp: int = 1, ep: int = 1) -> int:
+        """The experts' share of `parameters(tp, ep)` (sharded over tp × ep; 0 for a dense model)."""
+        return self.num_layers * (self.num_experts // ep) * self.expert_parameters() // tp if self.is_moe else 0
+
+    def active_parameters(self) -> int:
+        """Parameters one token goes through (MoE: the router and its top-k experts; dense: all)."""
+        if not self.is_moe:
+            return self.parameters()
+        unused = self.num_layers * (self.num_experts - self.experts_per_token) * self.expert_parameters()
+        return self.parameters() - unused
 
 
 def megatron_recompute_settings(recompute: str) -> dict:
@@ -140,13 +194,21 @@ def megatron_recompute_settings(recompute: str) -> dict:
             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}[recompute]
 
 
-def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
-    """The divisibility megatron-core needs for TP; the error names the option."""
-    for name, value in (("num_attention_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads),
-                        ("intermediate_size", shape.intermediate_size)):
+def check_tensor_parallel(shape: ModelShape, tp: int, ep: int = 1, dp: int = 1) -> None:
+    """The divisibility megatron-core needs for TP (and EP); the error names the option."""
+    sizes = [("num_attention_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)]
+    sizes.append(("moe_intermediate_size", shape.expert_intermediate_size) if shape.is_moe
+                 else ("intermediate_size", shape.intermediate_size))
+    for name, value in sizes:
         if value % tp:
             raise ValueError(f"--tensor-parallel {tp} must divide the model's {name}={value} "
                              f"(num_attention_heads={shape.num_heads}, num_key_value_heads={shape.num_kv_heads})")
+    if ep > 1 and not shape.is_moe:
+        raise ValueError(f"--expert-parallel {ep}: the model ({shape.model_type}) has no experts")
+    if shape.is_moe and shape.num_experts % ep:
+        raise ValueError(f"--expert-parallel {ep} must divide the model's {shape.num_experts} experts")
+    if dp % ep:
+        raise ValueError(f"--expert-parallel {ep} must divide the data-parallel size {dp}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +217,7 @@ class PlanSettings:
 
     tensor_parallel: int = 1
     data_parallel: int = 1
+    expert_parallel: int = 1  # MoE: experts split over this many of the DP ranks
     micro_batch_pairs: int = 1
     max_length: int = 512
     prompt_length: int = 256
@@ -177,8 +240,8 @@ class PlanSettings:
             if getattr(self, name) not in options:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {options}")
 
-        for name in ("tensor_parallel", "data_parallel", "micro_batch_pairs", "logprob_chunk_size",
-                     "vocab_divisible_by"):
+        for name in ("tensor_parallel", "data_parallel", "expert_parallel", "micro_batch_pairs",
+                     "logprob_chunk_size", "vocab_divisible_by"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -197,6 +260,9 @@ class PlanSettings:
             raise ValueError(f"momentum must be ≥ 0, got {self.momentum}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("sequence_parallel (--sequence-parallel) needs --tensor-parallel > 1")
+        if self.expert_parallel > 1 and self.distributed_optimizer:
+            raise ValueError("expert_parallel > 1 with distributed_optimizer: the trainer does not run it yet "
+                             "(--expert-parallel with --distributed-optimizer)")
         if self.overhead_bytes is not None and self.overhead_bytes < 0:
             raise ValueError(f"overhead_bytes must be ≥ 0, got {self.overhead_bytes}")
 
@@ -259,7 +325,10 @@ class MemoryPlan:
         recompute_line = ", ".join(f"{mode} {_gib(value)}" for mode, value in self.activations_by_recompute.items())
         rows = [
             ("parameters", self.parameters, f"{self.parameters_per_gpu:,} on this GPU of {self.parameters_total:,}"
-                                            f" ({s.dtype})"),
+                                            f" ({s.dtype})" + (
+                                                f"; experts {m.expert_parameters_per_gpu(s.tensor_parallel, s.expert_parallel):,}"
+                                                f" of them, split over TP x EP = "
+                                                f"{s.tensor_parallel * s.expert_parallel}" if m.is_moe else "")),
             ("gradients", self.gradients, "fp32 DDP buffer"),
             ("master weights", self.master_weights,
              "fp32 copy" + (f", sharded over DP={s.data_parallel}" if s.distributed_optimizer else "")
@@ -277,10 +346,14 @@ class MemoryPlan:
             ("overhead", self.overhead, "CUDA context and workspaces" if self.overhead else "-"),
         ]
         width = max(len(name) for name, _, _ in rows)
+        mlp = (f"{m.num_experts} experts of {m.expert_intermediate_size}, top-{m.experts_per_token} "
+               f"({m.parameters():,} parameters, {m.active_parameters():,} active per token)" if m.is_moe
+               else f"MLP {m.intermediate_size}")
         lines = [f"Memory plan: {m.model_type} {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_heads}/"
-                 f"{m.num_kv_heads} KV, MLP {m.intermediate_size}, vocabulary {m.vocab_size}"
+                 f"{m.num_kv_heads} KV, {mlp}, vocabulary {m.vocab_size}"
                  f"{' (tied)' if m.tie_word_embeddings else ''}",
-                 f"  TP={s.tensor_parallel} DP={s.data_parallel}, {s.micro_batch_pairs} pairs "
+                 f"  TP={s.tensor_parallel} DP={s.data_parallel}"
+                 f"{f' EP={s.expert_parallel}' if m.is_moe else ''}, {s.micro_batch_pairs} pairs "
                  f"({2 * s.micro_batch_pairs} sequences) x {s.max_length} tokens (prompt {s.prompt_length}), "
                  f"{s.dtype}, distributed optimizer {'on' if s.distributed_optimizer else 'off'}, sequence parallel "
                  f"{'on' if s.sequence_parallel else 'off'}, attention {s.attention}, {s.device}",
@@ -320,9 +393,11 @@ class _Activations:
         self.sp = settings.tensor_parallel if settings.sequence_parallel else 1
         self.b = 2 * settings.micro_batch_pairs
         self.s = settings.max_length
-        # CPU torch's composite rms_norm saves its fp32 input and fp32 x·rstd, in fp32 and bf16 runs alike.
-        self.norm_bytes = self.e if settings.device == "cuda" else 8
+        # CPU torch's composite rms_norm saves its fp32 input and fp32 x·rstd, in fp32 and bf16 runs alike; so does
+        # Gemma's (1 + w) norm (rpo's module of torch ops) on any device.
+        self.norm_bytes = 8 if (settings.device != "cuda" or shape.composite_norms) else self.e
         self.local = settings.attention == "local"
+        self.k = shape.experts_per_token
 
     def sbh(self) -> int:
         return self.s * self.b * self.m.hidden_size
@@ -356,13 +431,39 @@ class _Activations:
             return self.e * self._heads(a + g + (a + 2 * g) + a)
         return self.core_attention() + self.e * self._heads(a)  # + the context (the projection's input)
 
+    def qk_norms(self, recompute: str) -> int:
+        """What the q/k norms keep: like every norm, r bytes per element of their input (the query and key heads,
+        copied out of the fused QKV output) and the fp32 1/rms per head and token, plus, without recomputation,
+        their output (e bytes, kept by RoPE's products). Measured on CPU (fp32): 12 bytes per element without
+        recomputation; about 7 with selective recomputation, which r = 8 overestimates by ~3 % of the total."""
+        if not self.m.qk_norm:
+            return 0
+        heads = self.m.num_heads + self.m.num_kv_heads
+        per_element = self.norm_bytes + (self.e if recompute == "none" else 0)
+        return per_element * self._heads(heads) + 4 * self.s * self.b * heads // self.t
+
+    def mlp(self) -> int:
+        """The MLP's kept activations: SwiGLU/GeGLU over s·b tokens, or (MoE) the router's fp32 softmaxes (the
+        routing's and the load-balancing loss's), each token's k expert copies (the experts' input) and the
+        experts' gated MLPs over those s·b·k tokens."""
+        m = self.m
+        if not m.is_moe:
+            return 5 * self.e * self.s * self.b * m.intermediate_size // self.t
+        routed = self.s * self.b * self.k
+        router = 2 * 4 * self.s * self.b * m.num_experts // self.sp
+        return router + self.e * routed * m.hidden_size + 6 * self.e * routed * m.expert_intermediate_size // self.t
+
+    def mlp_gradients(self) -> int:
+        m = self.m
+        tokens = self.s * self.b * (self.k if m.is_moe else 1)
+        return 3 * self.e * tokens * (m.expert_intermediate_size if m.is_moe else m.intermediate_size) // self.t
+
     def layer(self, recompute: str) -> int:
         if recompute == "full":
             return self.e * self.sbh() // self.sp
-        norms_and_inputs = 2 * (self.norm() + self.e * self.sbh() // self.sp)
+        norms_and_inputs = self.m.norms_per_layer * self.norm() + 2 * self.e * self.sbh() // self.sp
         rope = 4 * self.e * self.s * self.m.head_dim  # cos and sin, cast to e, saved for Q and for K
-        mlp = 5 * self.e * self.s * self.b * self.m.intermediate_size // self.t
-        return norms_and_inputs + rope + self.attention_kept(recompute) + mlp
+        return norms_and_inputs + rope + self.qk_norms(recompute) + self.attention_kept(recompute) + self.mlp()
 
     def total(self, recompute: str) -> int:
         scored = self.b * (self.s - self.st.prompt_length)
@@ -375,8 +476,7 @@ class _Activations:
         recomputed = {"none": 0, "selective": self.core_attention(),
                       "full": self.layer("none") - self.layer("full")}[recompute]
         score_grads = 2 * 4 * self.scores() if self.local else 0
-        mlp_grads = 3 * self.e * self.s * self.b * self.m.intermediate_size // self.t
-        return recomputed + max(score_grads, mlp_grads)
+        return recomputed + max(score_grads, self.mlp_gradients())
 
 
 def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **options) -> MemoryPlan:
@@ -386,11 +486,11 @@ def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **opt
     """
     shape = ModelShape.from_hf(hf_config)
     settings = PlanSettings(**options)
-    tp, dp = settings.tensor_parallel, settings.data_parallel
-    check_tensor_parallel(shape, tp)
+    tp, dp, ep = settings.tensor_parallel, settings.data_parallel, settings.expert_parallel
+    check_tensor_parallel(shape, tp, ep, dp)
     e = settings.element_bytes
     vocab = padded_vocab_size(shape.vocab_size, tp, settings.vocab_divisible_by)
-    count = shape.parameters(tp, vocab)
+    count = shape.parameters(tp, vocab, ep)
     shards = dp if settings.distributed_optimizer else 1
     optimizer_params = count // shards  # the parameters (shards) the torch optimiser steps
     master = 4 * optimizer_params if e != 4 else 0
@@ -411,7 +511,8 @@ def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **opt
     }
     working = max(0, max(candidates.values()) - chunk)
     largest_param = max(width * shape.hidden_size,
-                        shape.hidden_size * 2 * shape.intermediate_size // tp)
+                        shape.hidden_size * 2 * (shape.expert_intermediate_size if shape.is_moe
+                                                 else shape.intermediate_size) // tp)
     foreach = settings.optimizer_foreach
     if foreach is None:  # torch's default: the multi-tensor (foreach) step for CUDA tensors only
         foreach = settings.device == "cuda"
@@ -453,7 +554,7 @@ def plan_from_train_config(config, hf_config: Any, *, world_size: int, needs_ref
     options = dict(tensor_parallel=tp, data_parallel=world_size // tp, micro_batch_pairs=int(config.micro_batch_size),
                    max_length=int(config.max_length), prompt_length=int(config.max_prompt_length), dtype=dtype,
                    optimizer=config.optimizer, momentum=float(config.momentum), reference=reference, device=device)
-    for name in ("recompute", "distributed_optimizer", "sequence_parallel", "logprob_chunk_size"):
+    for name in ("recompute", "distributed_optimizer", "sequence_parallel", "logprob_chunk_size", "expert_parallel"):
         if hasattr(config, name):
             options[name] = getattr(config, name)
     options.update(overrides)

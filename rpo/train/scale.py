@@ -34,7 +34,7 @@ def check_scale_options(config: TrainConfig) -> None:
     if config.expert_parallel > 1:
         # Checkpoints and the sharded optimizer keep one copy per tensor-parallel rank; with expert parallelism the
         # data-parallel ranks hold different experts (not yet written or sharded per expert-parallel rank).
-        if config.save_every or config.resume:
+        if (config.save_every or config.resume) and not config.plan:
             raise ConfigError(f"--expert-parallel {config.expert_parallel}: resumable checkpoints (--save-every, "
                               f"--resume) do not keep each expert-parallel rank's experts yet; pass --save-every 0 "
                               f"(final/ is written whole)")

@@ -251,3 +251,100 @@ def test_plan_from_train_config():
     assert (cpu.settings.dtype, cpu.settings.reference, cpu.settings.data_parallel) == ("float32", "none", 1)
     with pytest.raises(ValueError, match="--tensor-parallel 2 must divide the number of GPUs"):
         plan_from_train_config(config, tiny(), world_size=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The families of issue 25: Qwen2 (q/k/v bias), Qwen3 (q/k norms), Gemma 3 (four norms of its own kind), Mixtral
+# and Qwen3-MoE (experts, expert parallelism).
+
+FAMILY_KINDS = ("qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe")
+
+
+def _family_config(kind: str, vocab: int = 1000):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_hf_models import tiny_config
+
+    return tiny_config(kind, vocab=vocab)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_family_parameter_counts_match_hf_and_megatron(megatron_tp1, kind):
+    from transformers import AutoModelForCausalLM
+
+    config = _family_config(kind, vocab=300)
+    hf = AutoModelForCausalLM.from_config(config)
+    plan = estimate_memory(config, micro_batch_pairs=1, max_length=16, prompt_length=8, dtype="float32")
+    assert plan.parameters_total == sum(p.numel() for p in hf.parameters())
+    # The config.json form (a dict) gives the same numbers.
+    as_dict = {k: v for k, v in config.to_dict().items() if v is not None}
+    assert estimate_memory(as_dict, micro_batch_pairs=1, max_length=16, prompt_length=8).parameters_total == \
+        plan.parameters_total
+    model = _megatron_tiny_model_for(config)
+    assert plan.parameters_per_gpu == sum(p.numel() for p in model.parameters())
+
+
+def _megatron_tiny_model_for(config, recompute: str = "none"):
+    from rpo.models import build_gpt_model
+
+    return build_gpt_model(config, tp_size=1, dtype=torch.float32, recompute=recompute)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_family_activations_match_what_autograd_saves(megatron_tp1, kind, recompute):
+    """Within 3 % (full recomputation: 5 %, as for LLaMA above): q/k norms (12 bytes per element kept on CPU without
+    recomputation), Gemma's four norms of torch ops, the MoE layer's router softmaxes, expert inputs and expert
+    MLPs over s·b·k tokens."""
+    pairs, length, prompt = 2, 40, 10
+    config = _family_config(kind)
+    model = _megatron_tiny_model_for(config, recompute)
+    model.train()
+    rows = 2 * pairs
+    loss_mask = torch.zeros(rows, length, dtype=torch.bool)
+    loss_mask[:, prompt:] = True
+    batch = {"input_ids": torch.randint(0, 1000, (rows, length), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(rows, length, dtype=torch.long), "loss_mask": loss_mask}
+    measured = _saved_activation_bytes(model, batch)
+    plan = estimate_memory(config, micro_batch_pairs=pairs, max_length=length, prompt_length=prompt,
+                           dtype="float32", recompute=recompute, device="cpu")
+    assert plan.activations == pytest.approx(measured, rel=0.05 if recompute == "full" else 0.03)
+
+
+def test_moe_total_active_and_expert_parallel_sharding():
+    """Mixtral-8x7B and Qwen3-30B-A3B from their config.json numbers: the published totals (46.7B / 12.9B active;
+    30.5B / "3.3B activated", 3.35B with both embeddings counted); experts split over TP × EP, the rest over TP;
+    the options checked with their names."""
+    mixtral = dict(model_type="mixtral", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                   num_key_value_heads=8, intermediate_size=14336, vocab_size=32000, num_local_experts=8,
+                   num_experts_per_tok=2)
+    qwen3_moe = dict(model_type="qwen3_moe", num_hidden_layers=48, hidden_size=2048, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                     num_experts=128, num_experts_per_tok=8, vocab_size=151936)
+    from rpo.models.memory_plan import ModelShape
+
+    m, q = ModelShape.from_hf(mixtral), ModelShape.from_hf(qwen3_moe)
+    assert round(m.parameters() / 1e9, 1) == 46.7 and round(m.active_parameters() / 1e9, 1) == 12.9
+    assert round(q.parameters() / 1e9, 1) == 30.5 and round(q.active_parameters() / 1e9, 2) == 3.35
+    experts = 32 * 8 * 3 * 4096 * 14336
+    for tp, ep in ((1, 1), (2, 1), (1, 2), (2, 4)):
+        plan = estimate_memory(mixtral, tensor_parallel=tp, expert_parallel=ep, data_parallel=8)
+        dense = m.parameters(tp=tp) - experts // tp  # everything but the experts, TP-sharded as dense layers
+        assert plan.parameters_per_gpu == dense + experts // (tp * ep)
+        assert m.expert_parameters_per_gpu(tp, ep) == experts // (tp * ep)
+    with pytest.raises(ValueError, match="--expert-parallel 3 must divide the model's 8 experts"):
+        estimate_memory(mixtral, expert_parallel=3, data_parallel=3)
+    with pytest.raises(ValueError, match="--expert-parallel 4 must divide the data-parallel size 2"):
+        estimate_memory(mixtral, expert_parallel=4, data_parallel=2)
+    with pytest.raises(ValueError, match="--expert-parallel 2: the model \\(llama\\) has no experts"):
+        estimate_memory(tiny(), expert_parallel=2, data_parallel=2)
+    with pytest.raises(ValueError, match="distributed_optimizer"):
+        estimate_memory(mixtral, expert_parallel=2, data_parallel=2, distributed_optimizer=True, optimizer="adamw")
+    table = estimate_memory(mixtral, tensor_parallel=2, expert_parallel=4, data_parallel=4).format_plan()
+    assert "8 experts of 14336, top-2 (46,702,792,704 parameters, 12,879,925,248 active per token)" in table
+    assert "EP=4" in table and "split over TP x EP = 8" in table
+
+
+def test_refused_family_is_refused_by_the_plan_too():
+    with pytest.raises(ValueError, match="Phi-3"):
+        estimate_memory(dict(model_type="phi3", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                             intermediate_size=96, vocab_size=300))
