@@ -1,5 +1,6 @@
-"""megatron-core models for rpo: LLaMA-family and Mistral GPTModels from HF configs, HF checkpoints in and out,
-tensor/data-parallel setup, chunked vocab-parallel log-probs (optionally packed), and the embedded default model.
+"""megatron-core models for rpo: GPTModels of the supported HF families (LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 3,
+Mixtral, Qwen3-MoE; rpo.models.architectures) from HF configs, HF checkpoints in and out, tensor/data/expert-parallel
+setup, chunked vocab-parallel log-probs (optionally packed), and the embedded default model.
 
 megatron-core is imported lazily (inside functions), so `import rpo.models` stays cheap.
 """

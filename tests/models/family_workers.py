@@ -5,8 +5,9 @@ costs seconds of imports:
   TP=2 (DP=1): every rank scores the whole batch, unpacked and packed, without (dense models) and with megatron's
     sequence parallelism (which megatron's MoE layer needs at TP > 1 in training); the model is exported to an
     HF folder;
-  TP=1, DP=2 (MoE: EP=2, the experts split over the two ranks, tokens exchanged by all-to-all): rank r scores
-    rows r, r+2, ... (unequal token counts per rank), unpacked and packed; MoE models are exported from EP=2.
+  TP=1, DP=2, and for MoE models also EP=2 (the experts split over the two ranks, tokens exchanged by
+    all-to-all): rank r scores rows r, r+2, ... (unequal token counts per rank), unpacked and packed; MoE models
+    are exported from EP=2.
 The parent test builds the HF models and the batch in `workdir`, computes the float64 references and asserts on
 what the workers write to `workdir/results-rank{r}.pt`. Nothing here asserts numbers; it only records them.
 """
@@ -60,13 +61,15 @@ def main(workdir: Path) -> None:
         res["dp2/rows"] = torch.tensor(rows)
         for kind in spec["families"]:
             moe = json.loads((workdir / kind / "config.json").read_text())["model_type"] in MOE_MODEL_TYPES
-            info = init_parallel(1, expert_parallel=2 if moe else 1)
-            model, cfg, _ = load_policy(workdir / kind, tp_size=1)
-            res[f"dp2/{kind}/ep"] = (info.ep_size, sum(1 for n, _ in model.named_parameters()
-                                                       if "local_experts" in n and n.endswith("linear_fc1.weight")))
-            _score(model, mine, spec["pack_length"], res, f"dp2/{kind}")
-            if moe:
-                save_hf(model, cfg, workdir / f"export-ep2-{kind}", tokenizer_src=workdir / kind)
+            for ep in (1, 2) if moe else (1,):
+                prefix = f"{'ep2' if ep == 2 else 'dp2'}/{kind}"
+                info = init_parallel(1, expert_parallel=ep)
+                model, cfg, _ = load_policy(workdir / kind, tp_size=1)
+                res[f"{prefix}/ep"] = (info.ep_size, sum(1 for n, _ in model.named_parameters()
+                                                         if "local_experts" in n and n.endswith("linear_fc1.weight")))
+                _score(model, mine, spec["pack_length"], res, prefix)
+                if ep == 2:
+                    save_hf(model, cfg, workdir / f"export-ep2-{kind}", tokenizer_src=workdir / kind)
         torch.save(res, workdir / f"results-rank{dist.get_rank()}.pt")
     finally:
         teardown()
