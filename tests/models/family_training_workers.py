@@ -3,7 +3,8 @@
 `rpo --global-contrast` (rows normalised, SGD lr 1, fp32, 2 steps of 4 pairs) of every family through
 rpo.train.Trainer, at TP=2 (MoE: with sequence parallelism, which megatron's MoE layer needs at TP > 1) and at
 TP=1 × DP=2 (MoE: the experts split over the two ranks, --expert-parallel 2), plus Mixtral at DP=2 × EP=2 with two
-micro-batches per rank (gradient accumulation, so the two-pass global contrast). Each rank records the batches its
+micro-batches per rank (gradient accumulation, so the two-pass global contrast) and Gemma 3 at TP=2 with sequence
+parallelism. Each rank records the batches its
 steps received (the inputs of the float64 reference); rank 0 records the weights after step 1 and after the run,
 and the logged history. The parent test builds the assets, computes the references and asserts.
 """
@@ -49,6 +50,9 @@ def runs(families, moe_families):
                                               micro_batch_size=BATCH_PAIRS // 2, save_final=True)))
     out.append(("mixtral-dp2-accum", "mixtral", dict(tensor_parallel=1, expert_parallel=2, micro_batch_size=1,
                                                      max_steps=1)))
+    # Gemma 3 with sequence parallelism: its (1 + w) norms, post-norms and q/k norms on sequence shards.
+    out.append(("gemma3-tp2sp", "gemma3", dict(tensor_parallel=2, sequence_parallel=True,
+                                               micro_batch_size=BATCH_PAIRS, max_steps=1)))
     return out
 
 

@@ -41,7 +41,7 @@ def _load(workdir: Path, name: str):
     one DP rank with the same batches)."""
     info = json.loads((workdir / "results" / f"{name}.json").read_text())
     batches = [torch.load(workdir / "results" / f"{name}-batches-rank{r}.pt", weights_only=False) for r in range(2)]
-    if "-tp2" in name:
+    if "-tp2" in name:  # tp2, tp2sp
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(*batches))
         batches = batches[:1]
     return info, batches
@@ -149,6 +149,12 @@ def test_micro_batched_moe_step_equals_transformers_backward(trained):
     info, batches = _load(trained, "mixtral-dp2-accum")
     assert batches[0][0]["accumulation"] == 2
     _check_step_one(trained, "mixtral-dp2-accum", "mixtral")
+
+
+def test_sequence_parallel_gemma3_step_equals_transformers_backward(trained):
+    """Gemma 3 at TP=2 with sequence parallelism: the (1 + w) norms and post-norms on sequence shards (their
+    gradients summed over TP by megatron's finalize_model_grads), q/k norms on the gathered sequence."""
+    _check_step_one(trained, "gemma3-tp2sp", "gemma3")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -248,6 +248,32 @@ def test_load_balancing_loss_and_gradient_equal_transformers(one_process, kind, 
     assert router_moved > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gemma3"])
+def test_recomputation_keeps_gradients_and_the_load_balancing_term(one_process, kind, tmp_path):
+    """megatron's selective and full recomputation give the gradients of no recomputation — for Mixtral including
+    the load-balancing gradient, which full recomputation must re-inject when the router runs again in backward
+    (its first forward runs without autograd) — and Gemma 3's modules survive being recomputed."""
+    from rpo.models import load_policy, sequence_logprobs
+    from rpo.models.moe import load_balancing
+
+    tiny_hf_model(kind, 2).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    batch = long_batch(rows=4)
+    grads, losses = {}, {}
+    for mode in ("none", "selective", "full"):
+        model, _, _ = load_policy(tmp_path, tp_size=1, recompute=mode)
+        model.train()
+        sequence_logprobs(model, batch, chunk_size=64).sums.sum().backward()
+        grads[mode] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        balance = load_balancing(model)
+        losses[mode] = None if balance is None else float(balance.loss())
+    for mode in ("selective", "full"):
+        assert grads[mode].keys() == grads["none"].keys()
+        for name, grad in grads[mode].items():
+            torch.testing.assert_close(grad, grads["none"][name], atol=1e-6, rtol=1e-6, msg=f"{mode} {name}")
+        assert losses[mode] == losses["none"]
+
+
 def test_family_features_change_transformers_output():
     """Each feature the tiny configs exercise changes transformers' own log-probs (else matching them would not
     test it): Qwen2's window and yarn RoPE, Qwen3's linear RoPE, Gemma 3's local θ and window."""
