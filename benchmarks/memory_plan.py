@@ -249,10 +249,10 @@ def _scaling_plans(model: dict, gpus: int, gpu_gib: float, attention: str, forea
         dp = gpus // tp
         for rank, options in enumerate(OPTION_LADDER):
             # Mixture of experts: megatron's MoE layer trains at TP > 1 only with sequence parallelism; the trainer
-            # runs expert parallelism without the distributed optimizer.
+            # runs expert parallelism without the distributed optimizer and without a precomputed reference.
             for sequence_parallel in ((True,) if experts and tp > 1 else (False, True) if tp > 1 else (False,)):
                 for ep in ([e for e in (1, 2, 4, 8) if dp % e == 0 and experts % e == 0] if experts else [1]):
-                    if ep > 1 and options["distributed_optimizer"]:
+                    if ep > 1 and (options["distributed_optimizer"] or reference == "precomputed"):
                         continue
                     for pairs in (8, 4, 2, 1):
                         if PAPER["global_pairs"] % (pairs * dp):

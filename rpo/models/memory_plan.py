@@ -263,6 +263,9 @@ class PlanSettings:
         if self.expert_parallel > 1 and self.distributed_optimizer:
             raise ValueError("expert_parallel > 1 with distributed_optimizer: the trainer does not run it yet "
                              "(--expert-parallel with --distributed-optimizer)")
+        if self.expert_parallel > 1 and self.reference == "precomputed":
+            raise ValueError("expert_parallel > 1 with reference='precomputed': the trainer does not run it "
+                             "(--expert-parallel with --precompute-reference)")
         if self.overhead_bytes is not None and self.overhead_bytes < 0:
             raise ValueError(f"overhead_bytes must be ≥ 0, got {self.overhead_bytes}")
 

@@ -41,6 +41,18 @@ def check_scale_options(config: TrainConfig) -> None:
         if config.distributed_optimizer:
             raise ConfigError(f"--expert-parallel {config.expert_parallel} with --distributed-optimizer is not "
                               f"supported yet (megatron-core builds a second optimizer for the expert parameters)")
+        # Every forward of an expert-parallel model is collective (its all-to-all token exchange): phases in which
+        # the data-parallel ranks run different numbers of forwards would hang.
+        if config.precompute_reference:
+            raise ConfigError(f"--expert-parallel {config.expert_parallel} with --precompute-reference is not "
+                              f"supported (the data-parallel ranks score different numbers of rows, and every "
+                              f"expert-parallel forward needs all of them)")
+        from rpo.train.trainer import build_training_loss
+
+        if build_training_loss(config).uses_kl_pairs:
+            raise ConfigError(f"--expert-parallel {config.expert_parallel} with --loss {config.loss} is not supported "
+                              f"(its KL reference pairs are scored in as many forwards as each rank has pairs, and "
+                              f"every expert-parallel forward needs all data-parallel ranks)")
     for name in ("plan_gpus", "gpu_memory_gb"):
         if getattr(config, name) is not None and not config.plan:
             raise ConfigError(f"--{name.replace('_', '-')} applies with --plan only")

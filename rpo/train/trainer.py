@@ -403,11 +403,11 @@ class Trainer:
             self._two_pass_step(micro, rows, rows_global, metrics, step_inputs)
         else:
             for mb in micro:
-                mb_rows = mb["num_chosen"] + mb["num_rejected"]
                 router_loss = self._router_loss_weight()
                 policy, counts = sequence_logps(self.ddp_model, mb, grad=True, packing=self._pack_plan(mb))
                 inputs = {**self._loss_inputs(mb, policy, counts, self._reference(mb, "train")), **step_inputs}
                 output = self.loss(**inputs)
+                mb_rows = mb["num_chosen"] + mb["num_rejected"]
                 self._objective(output, mb_rows, rows_global).backward()
                 metrics.add({"loss": output.loss, **output.metrics, **router_loss.metrics()}, weight=mb_rows)
         # megatron's own gradient finalisation: DDP's data-parallel reduction (finish_grad_sync), and with

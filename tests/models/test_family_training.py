@@ -183,3 +183,39 @@ def test_tp2_and_dp2_log_the_same_losses_and_dp2_exports_final(trained, kind):
     for name, tensor in on_disk.items():
         assert torch.equal(tensor, end[name]), name
     assert reloaded.config.model_type == json.loads((trained / kind / "config.json").read_text())["model_type"]
+
+
+def test_expert_parallel_options_are_checked_before_start_naming_the_option(tmp_path):
+    """--expert-parallel against the launch and the model (rpo.train.preflight), and the combinations the trainer
+    does not run yet (rpo.train.scale): each refused by one line naming the options."""
+    from rpo.train import ConfigError, TrainConfig
+    from rpo.train.preflight import check_tensor_parallel
+    from rpo.train.scale import check_scale_options
+
+    from tiny_hf_models import tiny_config
+
+    for kind in ("mixtral", "qwen3"):
+        tiny_config(kind).save_pretrained(tmp_path / kind)
+
+    def refused(message, world=2, **options):
+        config = TrainConfig(**{"save_every": 0, **options}).validate()
+        with pytest.raises(ConfigError, match=message):
+            check_tensor_parallel(config, world)
+            check_scale_options(config)
+
+    mixtral, qwen3 = str(tmp_path / "mixtral"), str(tmp_path / "qwen3")
+    refused(r"--expert-parallel 4 does not divide the data-parallel size 2", model=mixtral, expert_parallel=4)
+    refused(r"--expert-parallel 3 does not divide the model's 4 experts", world=3, model=mixtral, expert_parallel=3)
+    refused(r"--expert-parallel 2: the model .* has no experts \(model_type 'qwen3'\)", model=qwen3,
+            expert_parallel=2)
+    refused(r"--tensor-parallel 2 with a mixture-of-experts model needs --sequence-parallel", model=mixtral,
+            tensor_parallel=2)
+    refused(r"--expert-parallel 2: resumable checkpoints", model=mixtral, expert_parallel=2, save_every=10)
+    refused(r"--expert-parallel 2 with --distributed-optimizer", model=mixtral, expert_parallel=2,
+            distributed_optimizer=True, optimizer="adamw")
+    refused(r"--expert-parallel 2 with --precompute-reference", model=mixtral, expert_parallel=2,
+            precompute_reference=True)
+    refused(r"--expert-parallel 2 with --loss kto", model=mixtral, expert_parallel=2, loss="kto")
+    ok = TrainConfig(model=mixtral, expert_parallel=2, save_every=0).validate()
+    check_tensor_parallel(ok, 2)
+    check_scale_options(ok)

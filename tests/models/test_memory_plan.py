@@ -339,6 +339,8 @@ def test_moe_total_active_and_expert_parallel_sharding():
         estimate_memory(tiny(), expert_parallel=2, data_parallel=2)
     with pytest.raises(ValueError, match="distributed_optimizer"):
         estimate_memory(mixtral, expert_parallel=2, data_parallel=2, distributed_optimizer=True, optimizer="adamw")
+    with pytest.raises(ValueError, match="precompute-reference"):
+        estimate_memory(mixtral, expert_parallel=2, data_parallel=2, reference="precomputed")
     table = estimate_memory(mixtral, tensor_parallel=2, expert_parallel=4, data_parallel=4).format_plan()
     assert "8 experts of 14336, top-2 (46,702,792,704 parameters, 12,879,925,248 active per token)" in table
     assert "EP=4" in table and "split over TP x EP = 8" in table
