@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rpo.train.config import ConfigError, TrainConfig
+from rpo.train.config import ConfigError, TrainConfig, build_training_loss
 
 # megatron-core's DistributedOptimizer asserts torch's Adam/AdamW (or TE/apex FusedAdam): its checkpointing of the
 # sharded state knows only Adam's state (exp_avg, exp_avg_sq).
@@ -49,7 +49,6 @@ def memory_plan(config: TrainConfig):
     from rpo.models.memory_plan import plan_from_train_config
     from rpo.models.policy_and_reference import load_hf_config
     from rpo.train import preflight
-    from rpo.train.trainer import build_training_loss
 
     model_path = (preflight.resolve_model_path(config.model, "--model") if config.model
                   else preflight.default_model_path())
