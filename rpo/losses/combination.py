@@ -144,4 +144,5 @@ def combine(built: Sequence[Tuple[str, float, Loss]]) -> Loss:
             if key in agreed and agreed[key] != value:
                 conflicting.add(key)
             agreed.setdefault(key, value)
-    return Loss(spec_text(built), WeightedSum(built), {k: v for k, v in agreed.items() if k not in conflicting})
+    return Loss(spec_text(built), WeightedSum(built), {k: v for k, v in agreed.items() if k not in conflicting},
+                terms=built)

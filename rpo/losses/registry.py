@@ -328,9 +328,11 @@ class Loss:
       uses_kl_pairs    True when it takes KTO's mismatched-pair log-probs
     """
 
-    def __init__(self, name: str, fn: Callable[..., LossOutput], options: Mapping[str, Any]):
+    def __init__(self, name: str, fn: Callable[..., LossOutput], options: Mapping[str, Any],
+                 terms: Optional[Sequence[Tuple[str, float, "Loss"]]] = None):
         self.name = name
         self._fn = fn
+        self._terms = tuple(terms) if terms else ((name, 1.0, self),)
         resolved = getattr(fn, "options", None)
         self.options = {**options, **(dict(resolved) if isinstance(resolved, Mapping) else {})}
         self.requires, self.optional, self._passed = _declared_keywords(name, fn)
@@ -339,7 +341,7 @@ class Loss:
 
     @property
     def terms(self) -> Tuple[Tuple[str, float, "Loss"], ...]:
-        return getattr(self._fn, "terms", None) or ((self.name, 1.0, self),)
+        return self._terms
 
     def option(self, key: str) -> Any:
         """The value of option `key`: a LossConfigError when no term takes it or the terms disagree."""
