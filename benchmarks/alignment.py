@@ -58,8 +58,10 @@ METHODS: List[Method] = [
            note="global 8x8 matrix, rows sum to 1 (effective beta ~ beta/N)"),
     Method("rpo-global-mean", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "mean"],
            note="global matrix, average pair keeps the full beta"),
-    Method("rpo-global-reference", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "reference_columns"],
-           note="global matrix normalised to the per-GPU column count (the authors' effective beta)"),
+    Method("rpo-global-reference", ["--loss", "rpo", "--global-contrast", "--weight-normalization", "reference_columns",
+                                    "--normalization-columns", "4"],
+           note="global matrix at the 4-column scale of the per-rank matrix (the default until 2026-12-07; the "
+                "default is now K = 8, at 8 pairs the matrix of rpo-global-row)"),
     Method("rpo-uniform", ["--loss", "rpo", "--global-contrast", "--weighting", "uniform", *ROW]),
     Method("rpo-diagonal-paper", ["--loss", "rpo", "--global-contrast", "--weighting", "diagonal", *ROW],
            note="Eq. 13: alpha inside the sigmoid"),

@@ -16,7 +16,7 @@ from rpo.losses import LossOutput, register_loss, reward_metrics
 from rpo.ops import contrast_loss
 
 
-@register_loss("my-simpo-rpo", couples_rows=True)  # batch-coupled: every row meets every column of the batch
+@register_loss("my-simpo-rpo")
 def simpo_rpo(beta: float = 2.0, margin: float = 0.5,
               weighting: Literal["embedding", "uniform", "none"] = "embedding", tau: float = 0.5):
     # build_loss has already checked the option names and that weighting is one of the Literal's values.

@@ -1,7 +1,8 @@
 """The package's import structure, read from the source (ast), so it holds for lazy imports too.
 
-- no cycle between rpo's sub-packages (rpo.ops, rpo.losses, rpo.distributed, rpo.data, rpo.models, rpo.train,
-  rpo.evaluation, rpo.compat, ... and top-level modules such as rpo._C);
+- no cycle between rpo's files (modules and package __init__ files), and so none between its sub-packages
+  (rpo.ops, rpo.losses, rpo.distributed, rpo.data, rpo.models, rpo.train, rpo.evaluation, rpo.compat, ... and
+  top-level modules such as rpo._C);
 - rpo.ops is a leaf: it imports no other rpo package (only the compiled extension rpo._C);
 - megatron-core's CPU redirects (rpo.compat.megatron_cpu) are applied from one place, rpo.models.parallel.
 
@@ -164,6 +165,20 @@ def test_no_cycle_between_subpackages(imports):
     assert not report, "import cycles between rpo's sub-packages:\n" + "\n".join(report)
 
 
+def module_edges(imports: Iterable[Import]) -> dict[str, dict[str, list[str]]]:
+    """{importing module: {imported module or package: [file:line, ...]}}, every import between two files."""
+    edges: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for imp in imports:
+        if imp.importer != imp.target:
+            edges[imp.importer][imp.target].append(imp.where)
+    return edges
+
+
+def test_no_cycle_between_files(imports):
+    report = cycle_report(module_edges(imports))
+    assert not report, "import cycles between rpo's files:\n" + "\n".join(report)
+
+
 def test_ops_is_a_leaf(imports):
     violations = leaf_violations(unit_edges(imports))
     assert not violations, "rpo.ops imports other rpo packages:\n" + "\n".join(violations)
@@ -199,10 +214,27 @@ def test_checker_finds_a_synthetic_cycle_and_a_leaf_violation(tmp_path):
     assert report[0] == "cycle: rpo.a <-> rpo.b <-> rpo.c" and any("rpo.c -> rpo.a" in line for line in report)
     assert leaf_violations(edges, leaf="rpo.a", allowed=()) == ["rpo.a -> rpo.b (rpo/a/core.py:2)"]
     assert leaf_violations(edges, leaf="rpo.a", allowed={"rpo.b"}) == []
+    # Between files: the same cycle, module by module (rpo.d and the helper rpo.c.other are on no cycle).
+    assert find_cycles(module_edges(found)) == [["rpo.a.core", "rpo.b.helpers", "rpo.c.tools"]]
 
     (root / "c" / "tools.py").write_text("from . import other\n")
     acyclic = import_graph(root)
     assert find_cycles(unit_edges(acyclic)) == [] and cycle_report(unit_edges(acyclic)) == []
+    assert find_cycles(module_edges(acyclic)) == []
+
+
+def test_file_level_cycle_inside_one_subpackage_is_found(tmp_path):
+    """Two files of one sub-package importing each other (one lazily) form no cycle between sub-packages but
+    one between files; a package __init__ that re-exports a module importing the package's names is one too."""
+    root = tmp_path / "rpo"
+    (root / "x").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "x" / "__init__.py").write_text("from rpo.x.registry import build\n")
+    (root / "x" / "registry.py").write_text("def build():\n    from rpo.x.combination import combine\n")
+    (root / "x" / "combination.py").write_text("from rpo.x.registry import build\nfrom rpo.x import build as b\n")
+    found = import_graph(root)
+    assert find_cycles(unit_edges(found)) == []
+    assert find_cycles(module_edges(found)) == [["rpo.x", "rpo.x.combination", "rpo.x.registry"]]
 
 
 def test_find_cycles_on_plain_graphs():

@@ -53,8 +53,10 @@ class RecordingTrainer:
 @pytest.fixture
 def fake_trainer(monkeypatch):
     RecordingTrainer.instances = []
-    # examples/train.py does `from rpo.train import Trainer` after parsing: the attribute wins over the lazy import.
-    monkeypatch.setattr(rpo.train, "Trainer", RecordingTrainer, raising=False)
+    # The command does `from rpo.train.trainer import Trainer` after parsing: it finds the recording one.
+    import rpo.train.trainer
+
+    monkeypatch.setattr(rpo.train.trainer, "Trainer", RecordingTrainer)
     return RecordingTrainer
 
 
@@ -145,9 +147,14 @@ def test_example_scripts_call_the_commands_code(monkeypatch):
 # --- precedence ----------------------------------------------------------------------------------------------------
 
 def test_defaults_then_yaml_then_command_line(train_script, fake_trainer, tmp_path):
+    plugin = tmp_path / "extra_options_loss.py"  # a user's loss that takes any further option
+    plugin.write_text("from rpo.losses import build_loss, register_loss\n\n\n"
+                      "@register_loss('test-extra-options')\n"
+                      "def factory(beta: float = 0.1, **extra):\n"
+                      "    return build_loss('dpo', beta=beta)\n")
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump({
-        "loss": "dpo", "lr": 1e-6, "beta": 0.3, "max-steps": 7, "global_batch_size": 32,
+        "loss": str(plugin), "lr": 1e-6, "beta": 0.3, "max-steps": 7, "global_batch_size": 32,
         "loss_options": {"extra_a": 1, "extra_b": 2}}))
     code = train_script.main(["--config", str(config_file), "--beta", "0.2", "--loss-option", "extra_b=3",
                               "--resume", "--output-dir", str(tmp_path / "out")])
@@ -157,7 +164,7 @@ def test_defaults_then_yaml_then_command_line(train_script, fake_trainer, tmp_pa
     assert trainer.fitted
     # Command line > YAML > defaults, option by option; dashed and underscored YAML keys both work.
     assert (config.loss, config.lr, config.beta, config.max_steps, config.global_batch_size) == \
-        ("dpo", 1e-6, 0.2, 7, 32)
+        (str(plugin), 1e-6, 0.2, 7, 32)
     assert config.loss_options == {"extra_a": 1, "extra_b": 3}  # merged key by key, the command line wins
     assert config.resume == "latest"  # a bare --resume means the newest checkpoint
     assert config.output_dir == str(tmp_path / "out")
@@ -238,7 +245,11 @@ CASES = invalid_cases()
 CROSS_OPTION_CASES = [
     (["--max-prompt-length", "600"], "--max-prompt-length (600) must be smaller than --max-length (512)"),
     (["--micro-batch-size", "128"], "--micro-batch-size (128) is larger than --global-batch-size (64)"),
-    (["--alpha", "0.5", "--weighting", "uniform"], "--alpha applies to --weighting diagonal only"),
+    (["--alpha", "0.5", "--weighting", "uniform"], "--alpha: loss 'rpo': option alpha applies to weighting="
+                                                   "'diagonal' only, got weighting='uniform'"),
+    (["--beta", "0"], "--beta: loss 'rpo': option beta must be > 0, got 0.0"),
+    (["--loss", "kto", "--desirable-weight", "-1"], "--desirable-weight: loss 'kto': option desirable_weight must "
+                                                     "be >= 0, got -1.0"),
     (["--loss-option", "tau=0.3"], "--loss-option tau=...: use --tau instead"),
     (["--learning-rate", "1e-6"], "unrecognized arguments: --learning-rate"),
     (["--config", "/nonexistent/run.yaml"], "--config: file not found: /nonexistent/run.yaml"),

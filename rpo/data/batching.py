@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -98,6 +99,16 @@ def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | 
     return None if tensor is None else tensor[start:stop]
 
 
+@dataclass(frozen=True)
+class GlobalCompletions:
+    """The completions of a global batch (`PreferenceBatcher.global_completions`)."""
+
+    completions: list[tuple[int, list[int]]]  # (dataset row, completion token ids), chosen sequences first
+    num_chosen: int  # chosen sequences of the global batch
+    positions: list[int]  # where each sequence of the rank batch (chosen, then rejected) is in `completions`
+    paired: bool
+
+
 class PreferenceBatcher:
     """Deterministic, resumable batches for data-parallel rank ``rank`` of ``world_size``.
 
@@ -180,15 +191,16 @@ class PreferenceBatcher:
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch])
 
-    def _epoch_plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(chosen row ids, rejected row ids) of each of this rank's batches in ``epoch``."""
+    def _epoch_plan(self, epoch: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """(chosen row ids, rejected row ids) of every rank's share of each global batch in ``epoch``:
+        plan[batch][rank]."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         plan = self._paired_plan(epoch) if self.tokenized.paired else self._unpaired_plan(epoch)
         self._plan_cache = (epoch, plan)
         return plan
 
-    def _paired_plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _paired_plan(self, epoch: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         rng = self._rng(epoch)
         order = rng.permutation(len(self.tokenized))
         global_size = self.batch_size * self.world_size
@@ -202,9 +214,9 @@ class PreferenceBatcher:
                                            self.related_fraction, rng)
         else:
             layout = used.reshape(self.num_global_batches, self.world_size, self.batch_size)
-        return [(rows, rows) for rows in layout[:, self.rank]]
+        return [[(rows, rows) for rows in ranks] for ranks in layout]
 
-    def _unpaired_plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _unpaired_plan(self, epoch: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         rng = self._rng(epoch)
         chosen_rows = rng.permutation(np.flatnonzero(self.labels))
         rejected_rows = rng.permutation(np.flatnonzero(~self.labels))
@@ -232,14 +244,16 @@ class PreferenceBatcher:
             batches = related_unpaired_layout(self._vectors, chosen_rows[:total_chosen],
                                               rejected_rows[:slots - total_chosen], chosen_counts,
                                               np.diff(rejected_offsets), self.world_size, self.related_fraction, rng)
-            return batches[self.rank::self.world_size]
-        return [(chosen_rows[chosen_offsets[batch]:chosen_offsets[batch + 1]],
-                 rejected_rows[rejected_offsets[batch]:rejected_offsets[batch + 1]])
-                for batch in range(self.rank, num_batches, self.world_size)]
+        else:
+            batches = [(chosen_rows[chosen_offsets[batch]:chosen_offsets[batch + 1]],
+                        rejected_rows[rejected_offsets[batch]:rejected_offsets[batch + 1]])
+                       for batch in range(num_batches)]
+        # Rank batches are in (global batch, rank) order.
+        return [batches[start:start + self.world_size] for start in range(0, num_batches, self.world_size)]
 
     def batch(self, epoch: int, index: int) -> dict[str, Any]:
         """Batch ``index`` of ``epoch`` for this rank (does not move the position)."""
-        chosen_rows, rejected_rows = self._epoch_plan(epoch)[index]
+        chosen_rows, rejected_rows = self._epoch_plan(epoch)[index][self.rank]
         fields = self.tokenized.response_fields
         chosen_field, rejected_field = (fields[0], fields[1]) if self.tokenized.paired else (fields[0], fields[0])
         row_ids = [int(i) for i in chosen_rows] + [int(i) for i in rejected_rows]
@@ -249,11 +263,36 @@ class PreferenceBatcher:
             return [(columns[f"{field}_input_ids"][p], columns[f"{field}_loss_mask"][p]) for p in positions]
 
         num_chosen = len(chosen_rows)
-        return collate_preference_batch(
+        collated = collate_preference_batch(
             sequences(chosen_field, range(num_chosen)),
             sequences(rejected_field, range(num_chosen, len(row_ids))),
             row_ids, self.embeddings, paired=self.tokenized.paired, pad_token_id=self.tokenized.pad_token_id,
             pad_to_multiple_of=self.pad_to_multiple_of)
+        collated["position"] = (epoch, index)
+        return collated
+
+    def global_completions(self, batch: dict[str, Any]) -> GlobalCompletions:
+        """The completions of the *global* batch that this rank's ``batch`` is part of, in the global order (ranks
+        in order: every rank's chosen sequences, then every rank's rejected ones), and where this rank's sequences
+        sit in it. The same on every data-parallel layout of the same global batch, so what is built on it (KTO's
+        mismatched pairs, rpo.data.kto_pairs) does not depend on the layout."""
+        epoch, index = batch["position"]
+        shares = self._epoch_plan(epoch)[index]
+        fields = self.tokenized.response_fields
+        chosen_field, rejected_field = (fields[0], fields[1]) if self.tokenized.paired else (fields[0], fields[0])
+        chosen = [(int(row), chosen_field) for rows, _ in shares for row in rows]
+        rejected = [(int(row), rejected_field) for _, rows in shares for row in rows]
+        chosen_start = sum(len(rows) for rows, _ in shares[:self.rank])
+        rejected_start = len(chosen) + sum(len(rows) for _, rows in shares[:self.rank])
+        mine, theirs = shares[self.rank]
+        positions = list(range(chosen_start, chosen_start + len(mine))) + list(
+            range(rejected_start, rejected_start + len(theirs)))
+        columns = self._sequences[[row for row, _ in chosen + rejected]]
+        completions = []
+        for p, (row, field) in enumerate(chosen + rejected):
+            ids, mask = columns[f"{field}_input_ids"][p], columns[f"{field}_loss_mask"][p]
+            completions.append((row, ids[mask.index(True):] if True in mask else []))
+        return GlobalCompletions(completions, len(chosen), positions, self.tokenized.paired)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch

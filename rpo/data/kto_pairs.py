@@ -9,6 +9,10 @@ pairing is deterministic:
 Either way there are K = R mismatched sequences (one per desirable or undesirable example, as TRL), or none for
 a batch without a partner (one unpaired row, one pair, no rows).
 
+The trainer pairs over the *global* batch of a step (`rpo.data.PreferenceBatcher.global_completions`: every
+rank's rows, in rank order), each rank building the sequences of its own rows, so the pairs, and KTO's z, are
+the same whatever the data-parallel layout.
+
 Each sequence is prompt i followed by completion j, the completion cut on the right to fit ``max_length``: the
 tokeniser's rule (rpo.data.tokenization), whose prompts are already cut to ``max_prompt_length`` on the left.
 A completion is the one in the batch, i.e. as the tokeniser truncated it after its own prompt.
@@ -19,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .batching import collate_preference_batch
+from .batching import GlobalCompletions, collate_preference_batch
 
 
 def mismatched_partners(num_chosen: int, num_rejected: int, *, paired: bool) -> torch.Tensor:
@@ -51,22 +55,35 @@ def _prompt_and_completion(batch: Mapping[str, Any], r: int) -> tuple[list[int],
 
 
 def mismatched_pairs(batch: Mapping[str, Any], *, max_length: int, pad_token_id: int,
-                     pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+                     pad_to_multiple_of: int | None = None,
+                     global_batch: GlobalCompletions | None = None) -> dict[str, Any]:
     """The mismatched sequences of a collated batch (rpo.data.batching), as a collated batch.
 
     Returns a batch dict of K sequences (input_ids, attention_mask, loss_mask True on the borrowed completion),
     laid out as rpo.data.batching's so that ``micro_batches`` and the log-prob function take it as it is: all K
     sequences in the chosen slot (num_chosen = K, num_rejected = 0, paired False, no embeddings), ``row_ids`` the
     dataset rows of the prompts; plus ``completion_row_ids`` (the dataset rows of the completions) and
-    ``partners`` (for each sequence, the batch sequence whose completion it carries). K = 0 when no row has a
-    partner (then input_ids is [0, 0]).
+    ``partners`` (for each sequence, the sequence of the pairing batch whose completion it carries). K = 0 when
+    no row has a partner (then input_ids is [0, 0]).
+
+    The pairing batch is ``batch`` itself, or, with ``global_batch`` (PreferenceBatcher.global_completions), the
+    global batch that ``batch`` is a rank's share of: each of the batch's sequences then gets the completion of its
+    partner in the global order, wherever that partner is.
     """
     num_chosen, num_rejected = batch["num_chosen"], batch["num_rejected"]
-    partners = mismatched_partners(num_chosen, num_rejected, paired=batch["paired"])
     split = [_prompt_and_completion(batch, r) for r in range(num_chosen + num_rejected)]
+    if global_batch is None:
+        partners = mismatched_partners(num_chosen, num_rejected, paired=batch["paired"])
+        completions = [(int(batch["row_ids"][r]), completion) for r, (_, completion) in enumerate(split)]
+    else:
+        total = len(global_batch.completions)
+        every = mismatched_partners(global_batch.num_chosen, total - global_batch.num_chosen,
+                                    paired=global_batch.paired)
+        partners = every[global_batch.positions] if every.numel() else every
+        completions = global_batch.completions
     sequences, row_ids = [], []
     for r, partner in enumerate(partners.tolist()):
-        prompt, completion = split[r][0], split[partner][1]
+        prompt, completion = split[r][0], completions[partner][1]
         budget = max_length - len(prompt)
         if budget < 1:
             raise ValueError(f"mismatched pairs: sequence {r} (row {int(batch['row_ids'][r])}) has a prompt of "
@@ -74,7 +91,7 @@ def mismatched_pairs(batch: Mapping[str, Any], *, max_length: int, pad_token_id:
         completion = completion[:budget]
         sequences.append((prompt + completion, [False] * len(prompt) + [True] * len(completion)))
         row_ids.append(int(batch["row_ids"][r]))
-    completion_row_ids = batch["row_ids"][partners]
+    completion_row_ids = torch.tensor([completions[partner][0] for partner in partners.tolist()], dtype=torch.long)
     if not sequences:
         return {"input_ids": torch.zeros((0, 0), dtype=torch.long),
                 "attention_mask": torch.zeros((0, 0), dtype=torch.long),

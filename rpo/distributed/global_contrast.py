@@ -39,20 +39,6 @@ _HEADER_FIELDS = ("chosen rows", "rejected columns", "embedding dim", "needs gra
                   "embedding dtype", "input error")
 
 
-def data_parallel_loss_scale(process_group: Optional[dist.ProcessGroup]) -> int:
-    """The factor W to multiply the global loss by before backward when a DP wrapper *averages* gradients.
-
-    Each rank's backward of the global loss gives the partial gradient through its own sequences; the sum over
-    ranks is the full gradient of the global loss. torch DDP (and Megatron-core DDP unless
-    `calculate_per_token_loss`) divides the all-reduced gradient by the group size W, so the loss must be scaled
-    by W for the averaged gradient to equal the single-process gradient on the concatenated batch. Returns 1 for
-    `process_group=None`. Use 1 instead with a wrapper that sums gradients.
-    """
-    if process_group is None:
-        return 1
-    return dist.get_world_size(process_group)
-
-
 def _dtype_code(tensor) -> int:
     if not isinstance(tensor, torch.Tensor):
         return _NO_TENSOR

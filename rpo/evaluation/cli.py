@@ -192,15 +192,24 @@ def load_run_config(path: Path):
         raise EvaluationError(f"{path}: cannot read the run's config: {err}") from err
 
 
-def run_loss_defaults(config) -> tuple[str, float | None]:
-    """(reward type, beta) of the run's loss: simpo when it needs no reference model."""
-    from rpo.losses import build_loss
+def run_loss(config, config_path: Path):
+    """The run's loss as it trained: built from its config.yaml by the trainer's own rule
+    (rpo.train.config.build_training_loss), for paired or unpaired data as its loss.json records."""
+    from rpo.train.config import ConfigError, build_training_loss
+    from rpo.train.preflight import LOSS_FILE
 
-    loss = build_loss(config.loss, **config.loss_build_options())
-    beta = loss.options.get("beta")
-    if beta is None:  # a combination keeps each term's options under its name
-        beta = next((opts["beta"] for opts in loss.options.values() if isinstance(opts, dict) and "beta" in opts),
-                    None)
+    recorded = config_path.parent / LOSS_FILE
+    paired = json.loads(recorded.read_text()).get("paired", True) if recorded.is_file() else True
+    try:
+        return build_training_loss(config, paired=paired)
+    except ConfigError as err:
+        raise EvaluationError(f"{config_path}: the run's loss: {err}") from err
+
+
+def run_loss_defaults(loss) -> tuple[str, float | None]:
+    """(reward type, beta) of a run's loss: simpo when it needs no reference model; beta of its first term that
+    has one."""
+    beta = next((term.options["beta"] for _, _, term in loss.terms if "beta" in term.options), None)
     return ("dpo" if loss.needs_reference else "simpo"), beta
 
 
@@ -234,7 +243,12 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     config = load_run_config(config_path) if config_path else None
     if config_path:
         logger.info("run config: %s", config_path)
-    settings: dict[str, Any] = {"run_config": str(config_path) if config_path else None, "config": config}
+    settings: dict[str, Any] = {"run_config": str(config_path) if config_path else None, "config": config,
+                                "loss": run_loss(config, config_path) if config is not None else None}
+    if settings["loss"] is not None:
+        from rpo.train.reporting import loss_summary
+
+        logger.info("the run trained with %s", loss_summary(settings["loss"]))
     if args.run_held_out:
         if config is None:
             raise EvaluationError(f"--run-held-out: no config.yaml in {args.model} or the two folders above it")
@@ -244,7 +258,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     reward_type, beta = args.reward_type, args.beta
     if config is not None and (reward_type is None or beta is None):
-        loss_reward_type, loss_beta = run_loss_defaults(config)
+        loss_reward_type, loss_beta = run_loss_defaults(settings["loss"])
         reward_type = reward_type or loss_reward_type
         beta = beta if beta is not None else loss_beta
     if beta is None:
@@ -375,6 +389,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"model": str(args.model), "reference": settings["reference"],
                               "run_config": settings["run_config"]}
+    if settings["loss"] is not None:  # what the run trained with, every option resolved
+        result["run_loss"] = settings["loss"].describe()
     tokenized = None
     dataset_name, split, columns, skip_bad_rows = args.dataset, args.dataset_split, args.columns, args.skip_bad_rows
     if args.run_held_out:

@@ -14,10 +14,11 @@ optimiser, accelerate/DDP/FSDP/DeepSpeed, checkpoints and logs. One step of `com
      reference's from `DPOTrainer.compute_ref_log_probs` (or the batch's `ref_*_logps` when precomputed);
   2. the prompt embeddings of a loss that weighs pairs by prompt similarity (rpo's default weighting), attached to
      the batch by `PromptEmbeddingCollator` from the same cache as the Megatron trainer (rpo.data.embeddings);
-  3. the loss; with `global_contrast` the contrast matrix spans every data-parallel rank's rows of the
-     micro-batch (rpo.distributed), and the backward is scaled like rpo's Megatron trainer so that after
-     DDP's/FSDP's gradient averaging the gradient is that of the global micro-batch's loss
-     (`data_parallel_objective`);
+  3. the loss, built by `rpo.losses.resolve_loss` as every entry point builds it (DPOConfig's beta for terms that
+     set none); with `global_contrast` the contrast matrix spans every data-parallel rank's rows of the
+     micro-batch (rpo.distributed), and the backward is rpo.distributed's data-parallel objective, as in rpo's
+     Megatron trainer, so that after DDP's/FSDP's gradient averaging the gradient is that of the global
+     micro-batch's loss;
   4. TRL's metric names (rewards/*, logps/*, logits/*, entropy, mean_token_accuracy, num_tokens) plus the loss's
      own metrics (contrast/* for a contrast-matrix loss), averaged over the data-parallel ranks.
 
@@ -38,8 +39,8 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError("rpo.integrations.trl needs TRL: pip install 'rpo[trl]' (tested with trl==1.16.0)") from error
 
 from rpo.data.embeddings import DEFAULT_EMBEDDING_MODEL, PromptEmbeddingCache, prompt_text
-from rpo.distributed import data_parallel_loss_scale
-from rpo.losses import Loss, LossOutput, build_loss
+from rpo.distributed import data_parallel_loss_scale, data_parallel_objective
+from rpo.losses import Loss, LossOutput, resolve_loss
 
 TESTED_TRL_VERSION = "1.16.0"
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
@@ -50,8 +51,7 @@ _NOT_MODEL_INPUTS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejec
 _TRL_LOSS_FIELDS = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None,
                     "f_divergence_type": "reverse_kl", "label_smoothing": 0.0, "use_weighting": False}
 
-__all__ = ["PROMPT_EMBEDDINGS_KEY", "PromptEmbeddingCollator", "RPOConfig", "RPOTrainer", "TESTED_TRL_VERSION",
-           "data_parallel_objective"]
+__all__ = ["PROMPT_EMBEDDINGS_KEY", "PromptEmbeddingCollator", "RPOConfig", "RPOTrainer", "TESTED_TRL_VERSION"]
 
 
 @dataclasses.dataclass
@@ -109,28 +109,10 @@ class PromptEmbeddingCollator:
         return batch
 
 
-def data_parallel_objective(output: LossOutput, rows: int, rows_global: int, world: int) -> torch.Tensor:
-    """What to back-propagate so that gradients *averaged* over `world` data-parallel ranks are the gradient of
-    the loss of the global batch (rpo.train.Trainer's rule, see docs/global-contrast.md).
-
-    The global part (`output.global_loss`, the same value on every rank, each rank holding the derivatives
-    through its own rows) weighs `world`; the separable rest, a mean over this rank's `rows`, weighs
-    rows · world / rows_global.
-    """
-    separable = output.loss if output.global_loss is None else output.loss - output.global_loss
-    objective = separable * (rows * world / rows_global)
-    return objective if output.global_loss is None else objective + output.global_loss * world
-
-
-def _takes_option(loss: Loss, option: str) -> bool:
-    """Whether `loss` (or a term of a combination, whose options are nested dicts) has the option."""
-    return option in loss.options or any(isinstance(value, dict) and option in value
-                                         for value in loss.options.values())
-
-
 def build_trl_loss(spec: str | Loss, options: Optional[Mapping[str, Any]], beta: float,
                    global_contrast: bool) -> Loss:
-    """The rpo loss of a TRL run: `spec` with `options`, DPOConfig's `beta` unless the options set one."""
+    """The rpo loss of a TRL run: `spec` with `options` through rpo.losses.resolve_loss, DPOConfig's `beta` for
+    every term that sets none."""
     if isinstance(spec, Loss):
         if options:
             raise ValueError("RPOTrainer: loss_options go with a loss spec (a string), not with a built Loss")
@@ -139,9 +121,7 @@ def build_trl_loss(spec: str | Loss, options: Optional[Mapping[str, Any]], beta:
         options = dict(options or {})
         if global_contrast:
             options["global_contrast"] = True
-        loss = build_loss(spec, **options)
-        if "beta" not in options and _takes_option(loss, "beta"):
-            loss = build_loss(spec, **options, beta=beta)
+        loss = resolve_loss(spec, options, default_beta=beta)
     if global_contrast and not loss.is_global:
         raise ValueError(f"RPOTrainer: global_contrast=True, but loss {loss.name!r} has no global contrast; use a "
                          f"contrast loss such as rpo")
@@ -261,13 +241,17 @@ class RPOTrainer(DPOTrainer):
             batch["chosen_embeddings"] = batch["rejected_embeddings"] = embeddings
         if self.contrast_group is not None:
             batch["process_group"] = self.contrast_group
+            if "chosen_tokens_per_row" in self.rpo_loss.optional:  # a token mean (sft) of the global micro-batch
+                totals = torch.stack([lengths[:pairs].sum(), torch.tensor(2 * pairs, device=lengths.device)]).double()
+                torch.distributed.all_reduce(totals, group=self.contrast_group)
+                batch["chosen_tokens_per_row"] = (totals[0] / totals[1]).item()
         output = self.rpo_loss(**batch)
         if self.aux_loss_enabled:  # the MoE router loss is a mean over this rank's tokens: separable
             output = LossOutput(output.loss + self.router_aux_loss_coef * outputs.aux_loss, output.metrics,
                                 output.global_loss)
         rows_global = self._record_metrics(mode, output, outputs, inputs, token_mask, pairs)
-        objective = data_parallel_objective(output, 2 * pairs, rows_global,
-                                            data_parallel_loss_scale(self.contrast_group))
+        objective = data_parallel_objective(output.loss, output.global_loss, rows=2 * pairs, rows_global=rows_global,
+                                            world=data_parallel_loss_scale(self.contrast_group))
         # TRL logs (and averages over ranks) the value it gets back: the loss. The gradient is the objective's.
         value = objective + (output.loss - objective).detach()
         if return_outputs:

@@ -29,7 +29,13 @@ POLICY_AND_REFERENCE = POLICY_KEYWORDS | {"reference_chosen_logps", "reference_r
 
 
 class LossConfigError(ValueError):
-    """A loss name, option or option value that cannot be built (raised by `build_loss` / `register_loss`)."""
+    """A loss name, option or option value that cannot be built (raised by `build_loss` / `register_loss`).
+
+    `option` names the option at fault when there is one (an entry point maps it to its own flag or field)."""
+
+    def __init__(self, message: str, *, option: Optional[str] = None):
+        super().__init__(message)
+        self.option = option
 
 
 class LossInputError(ValueError):
@@ -64,19 +70,20 @@ class LossOutput:
 
 def check_positive(loss: str, option: str, value: float) -> None:
     if not value > 0:
-        raise LossConfigError(f"loss {loss!r}: option {option} must be > 0, got {value!r}")
+        raise LossConfigError(f"loss {loss!r}: option {option} must be > 0, got {value!r}", option=option)
 
 
 def check_non_negative(loss: str, option: str, value: float) -> None:
     if not value >= 0:
-        raise LossConfigError(f"loss {loss!r}: option {option} must be >= 0, got {value!r}")
+        raise LossConfigError(f"loss {loss!r}: option {option} must be >= 0, got {value!r}", option=option)
 
 
 def check_range(loss: str, option: str, value: float, low: float, high: float, *, high_inclusive: bool) -> None:
     inside = low <= value <= high if high_inclusive else low <= value < high
     if not inside:
         bracket = "]" if high_inclusive else ")"
-        raise LossConfigError(f"loss {loss!r}: option {option} must be in [{low}, {high}{bracket}, got {value!r}")
+        raise LossConfigError(f"loss {loss!r}: option {option} must be in [{low}, {high}{bracket}, got {value!r}",
+                              option=option)
 
 
 # --- batch checks used by several losses --------------------------------------------------------------------------
@@ -142,13 +149,14 @@ class PreferenceLoss:
     supplies `score_loss(chosen, rejected, batch)`: its `LossOutput` from those scores (extra metrics and, for a
     global contrast, `global_loss` included).
 
-    Class attributes a loss may set: `name`; `couples_rows` (the loss couples rows of the batch, see
-    `rpo.losses.Loss`); `reward_accuracies` (False: no rewards/accuracies, e.g. KTO, whose answers need not be
-    pairs). `is_global` (set by a loss contrasting over a process group).
+    Attributes a loss may set: `name`; `needs_pairs` (defined on (chosen_i, rejected_i) pairs of one prompt only:
+    `rpo.losses.resolve_loss` refuses it for unpaired data); `reward_accuracies` (False: no rewards/accuracies,
+    e.g. KTO, whose answers need not be pairs); `is_global` (set by a loss contrasting over a process group);
+    `options` (option values the loss resolved itself, e.g. a default that depends on another option).
     """
 
     name = "preference"
-    couples_rows = False
+    needs_pairs = False
     is_global = False
     reward_accuracies = True
 

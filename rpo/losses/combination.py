@@ -2,6 +2,8 @@
 
 loss = Σ_k w_k · loss_k. Metrics: `loss/<term>` (each term's unweighted loss) plus every term's own metrics under
 their names; when two terms report the same metric name, the later term's copy is named `<term>/<metric>`.
+This module parses a combination, shares the options out to its terms and sums the built terms;
+rpo.losses.build builds each term.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from rpo.losses.base import LossConfigError, LossOutput
-from rpo.losses.registry import Loss, instantiate, option_names, resolve_entry
+from rpo.losses.registry import Loss, option_names
 
 # "+" separates terms, except inside a float exponent such as 1e+3.
 _TERM_SPLIT = re.compile(r"(?<![0-9][eE])\+")
@@ -35,7 +37,7 @@ def parse_combination(spec: str) -> List[Tuple[str, float]]:
     return terms
 
 
-def _normalise_terms(terms: Sequence[Any]) -> List[Tuple[str, float, Dict[str, Any]]]:
+def normalise_terms(terms: Sequence[Any]) -> List[Tuple[str, float, Dict[str, Any]]]:
     """Accept (name, weight), (name, weight, options) and {"name", "weight", "options"} terms."""
     normalised = []
     for index, term in enumerate(terms):
@@ -72,8 +74,8 @@ class WeightedSum:
         self.terms = tuple(terms)
         self.requires = frozenset().union(*(loss.requires for _, _, loss in self.terms))
         self.optional = frozenset().union(*(loss.optional for _, _, loss in self.terms)) - self.requires
-        self.couples_rows = any(loss.couples_rows for _, _, loss in self.terms)
         self.is_global = any(loss.is_global for _, _, loss in self.terms)
+        self.needs_pairs = any(loss.needs_pairs for _, _, loss in self.terms)
 
     def __call__(self, **batch: Any) -> LossOutput:
         total = global_total = None
@@ -90,44 +92,57 @@ class WeightedSum:
         return LossOutput(loss=total, metrics=metrics, global_loss=global_total)
 
 
-def _spec_text(terms: Sequence[Tuple[str, float, Any]]) -> str:
+def spec_text(terms: Sequence[Tuple[str, float, Any]]) -> str:
     return "+".join(name if weight == 1.0 else f"{weight:g}*{name}" for name, weight, _ in terms)
 
 
-def build_combination(terms: Sequence[Any], options: Mapping[str, Any]) -> Loss:
-    normalised = _normalise_terms(terms)
-    names = [name for name, _, _ in normalised]
+def check_terms(terms: Sequence[Tuple[str, float, Any]]) -> None:
+    """Each term once, none itself a combination."""
+    names = [name for name, _, _ in terms]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise LossConfigError(f"loss combination {_spec_text(normalised)!r}: term {', '.join(duplicates)} appears "
+        raise LossConfigError(f"loss combination {spec_text(terms)!r}: term {', '.join(duplicates)} appears "
                               f"more than once; merge the weights")
-    entries = []
     for name in names:
         if is_combination(name):
             raise LossConfigError(f"loss combination term {name!r} is itself a combination; flatten it")
-        entries.append(resolve_entry(name))
 
-    # Per-term options: `NAME={...}`; every other option goes to each term that accepts it.
+
+def share_options(terms: Sequence[Tuple[str, float, Mapping[str, Any]]], factories: Sequence[Any],
+                  options: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """Each term's options: `NAME={...}` goes to the term NAME only, every other option to each term whose factory
+    accepts it (an option no term accepts is an error), and a term's own options (from a YAML list) win."""
+    names = [name for name, _, _ in terms]
     per_term = {key: value for key, value in options.items() if key in names}
     shared = {key: value for key, value in options.items() if key not in names}
-    accepted = [option_names(entry.factory) for entry in entries]
+    accepted = [option_names(factory) for factory in factories]
     orphans = [key for key in shared if all(names_ is not None and key not in names_ for names_ in accepted)]
     if orphans:
         described = "; ".join(f"{name}: {', '.join(sorted(a)) if a is not None else 'any'}"
                               for name, a in zip(names, accepted))
-        raise LossConfigError(f"loss combination {_spec_text(normalised)!r}: no term has option "
+        raise LossConfigError(f"loss combination {spec_text(terms)!r}: no term has option "
                               f"{', '.join(map(repr, orphans))}. Term options: {described}. Pass NAME={{...}} to "
-                              f"give options to one term.")
-    built = []
-    for (name, weight, term_options), entry, names_ in zip(normalised, entries, accepted):
+                              f"give options to one term.", option=orphans[0])
+    out = []
+    for (name, _, term_options), names_ in zip(terms, accepted):
         merged = {key: value for key, value in shared.items() if names_ is None or key in names_}
         extra = per_term.get(name, {})
         if not isinstance(extra, Mapping):
             raise LossConfigError(f"loss combination: options for term {name!r} must be a mapping, got {extra!r}")
         merged.update(term_options)
         merged.update(extra)
-        built.append((name, weight, instantiate(entry, merged)))
-    fn = WeightedSum(built)
-    loss = Loss(_spec_text(normalised), fn, {name: term.options for name, _, term in built})
-    loss.terms = fn.terms
-    return loss
+        out.append(merged)
+    return out
+
+
+def combine(built: Sequence[Tuple[str, float, Loss]]) -> Loss:
+    """The combined Loss of built terms. Its `options` are those on which every term that takes them agrees."""
+    agreed: Dict[str, Any] = {}
+    conflicting = set()
+    for _, _, term in built:
+        for key, value in term.options.items():
+            if key in agreed and agreed[key] != value:
+                conflicting.add(key)
+            agreed.setdefault(key, value)
+    return Loss(spec_text(built), WeightedSum(built), {k: v for k, v in agreed.items() if k not in conflicting},
+                terms=built)

@@ -12,6 +12,11 @@ normalisation), but for "diagonal" α weighs the per-pair losses outside the sig
     L = α·mean_i nls(β(a_i − b_i) − m) + (1−α)·mean_i mean_{j≠i} nls(β(a_i − b_j) − m),   nls = −log σ.
 weight_normalization="reference_columns" makes every row sum to N/K (K = normalization_columns): each pair
 weighs what it weighs in a row-normalised K-column matrix, whatever the (global) N. Equations: docs/losses.md.
+
+Defaults that depend on other options, resolved here and reported in `Loss.options`: the weight normalisation is
+the paper's "row" for a local matrix (and for the authors' form) and "reference_columns" with
+K = DEFAULT_NORMALIZATION_COLUMNS for a global one, so that a global matrix's effective β depends on neither its
+size nor the run's layout (docs/global-contrast.md); α is DEFAULT_ALPHA and applies to "diagonal" only.
 """
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ from rpo.losses.base import (EMBEDDING_KEYWORDS, LossConfigError, LossInputError
 from rpo.losses.contrast_metrics import all_reduce_sums, contrast_metrics, contrast_sums
 from rpo.losses.registry import register_loss
 
+# K of "reference_columns" when none is given: the authors' per-GPU matrix (64 pairs on 8 GPUs: 8 columns), so
+# every pair of a global matrix keeps the effective β it has in their recipe, β/8, at any layout and global batch.
+DEFAULT_NORMALIZATION_COLUMNS = 8
+DEFAULT_ALPHA = 0.8
+
 Weighting = Literal["embedding", "uniform", "diagonal", "none"]
 WeightNormalization = Literal["row", "mean", "reference_columns"]
 Form = Literal["paper", "authors"]
@@ -35,28 +45,41 @@ class ContrastMatrixLoss(PreferenceLoss):
     """Shared options, checks and the choice of the local or global matrix; subclasses choose the scores."""
 
     name = "contrast"
-    couples_rows = True
 
-    def _configure(self, *, beta: float, weighting: str, tau: float, alpha: float, weight_normalization: str,
-                   margin: float, global_contrast: bool, form: str, normalization_columns: Optional[int],
-                   reference_free: bool = False, per_token: bool = False) -> None:
+    def _configure(self, *, beta: float, weighting: str, tau: float, alpha: Optional[float],
+                   weight_normalization: Optional[str], margin: float, global_contrast: bool, form: str,
+                   normalization_columns: Optional[int], reference_free: bool = False,
+                   per_token: bool = False) -> None:
         self._set_scores(beta, reference_free=reference_free, per_token=per_token)
         check_positive(self.name, "tau", tau)
-        check_range(self.name, "alpha", alpha, 0.0, 1.0, high_inclusive=True)
-        if (weight_normalization == "reference_columns") != (normalization_columns is not None):
+        if alpha is not None:
+            if weighting != "diagonal":
+                raise LossConfigError(f"loss {self.name!r}: option alpha applies to weighting='diagonal' only, got "
+                                      f"weighting={weighting!r}", option="alpha")
+            check_range(self.name, "alpha", alpha, 0.0, 1.0, high_inclusive=True)
+        if weight_normalization is None:
+            global_default = global_contrast and form != "authors"
+            weight_normalization = "reference_columns" if global_default else "row"
+        if weight_normalization == "reference_columns" and normalization_columns is None:
+            normalization_columns = DEFAULT_NORMALIZATION_COLUMNS
+        if normalization_columns is not None and weight_normalization != "reference_columns":
             raise LossConfigError(f"loss {self.name!r}: option normalization_columns (K) goes with "
-                                  f"weight_normalization='reference_columns' and only with it; got "
-                                  f"weight_normalization={weight_normalization!r}, "
-                                  f"normalization_columns={normalization_columns!r}")
+                                  f"weight_normalization='reference_columns' only; got "
+                                  f"weight_normalization={weight_normalization!r}", option="normalization_columns")
         if normalization_columns is not None and normalization_columns < 1:
             raise LossConfigError(f"loss {self.name!r}: option normalization_columns must be >= 1, got "
-                                  f"{normalization_columns!r}")
+                                  f"{normalization_columns!r}", option="normalization_columns")
         if form == "authors" and weight_normalization != "row":
             raise LossConfigError(f"loss {self.name!r}: form='authors' is the authors' code, which normalises the "
-                                  f"rows; it needs weight_normalization='row', got {weight_normalization!r}")
-        self.weighting, self.tau, self.alpha, self.margin, self.form = weighting, tau, alpha, margin, form
+                                  f"rows; it needs weight_normalization='row', got {weight_normalization!r}",
+                                  option="weight_normalization")
+        self.alpha = DEFAULT_ALPHA if alpha is None else alpha
+        self.weighting, self.tau, self.margin, self.form = weighting, tau, margin, form
         self.weight_normalization, self.normalization_columns = weight_normalization, normalization_columns
         self.global_contrast = self.is_global = global_contrast
+        self.needs_pairs = type(self).needs_pairs or weighting == "diagonal"
+        self.options = dict(alpha=self.alpha if weighting == "diagonal" else None,
+                            weight_normalization=weight_normalization, normalization_columns=normalization_columns)
         if weighting == "embedding":
             self.requires = self.requires | EMBEDDING_KEYWORDS
         self.optional = frozenset({"process_group"}) if global_contrast else frozenset()
@@ -142,9 +165,10 @@ class RPOLoss(ContrastMatrixLoss):
 
     name = "rpo"
 
-    def __init__(self, beta: float = 0.1, weighting: Weighting = "embedding", tau: float = 0.5, alpha: float = 0.8,
-                 weight_normalization: WeightNormalization = "row", margin: float = 0.0,
-                 global_contrast: bool = False, form: Form = "paper", normalization_columns: Optional[int] = None):
+    def __init__(self, beta: float = 0.1, weighting: Weighting = "embedding", tau: float = 0.5,
+                 alpha: Optional[float] = None, weight_normalization: Optional[WeightNormalization] = None,
+                 margin: float = 0.0, global_contrast: bool = False, form: Form = "paper",
+                 normalization_columns: Optional[int] = None):
         self._configure(beta=beta, weighting=weighting, tau=tau, alpha=alpha,
                         weight_normalization=weight_normalization, margin=margin, global_contrast=global_contrast,
                         form=form, normalization_columns=normalization_columns)
@@ -162,6 +186,7 @@ class RPOZLoss(RPOLoss):
     """
 
     name = "rpo-z"
+    needs_pairs = True
 
     def contrast_scores(self, chosen, rejected):
         check_paired(self.name, chosen, rejected)
@@ -178,7 +203,7 @@ class SimPORPOLoss(ContrastMatrixLoss):
     name = "simpo-rpo"
 
     def __init__(self, beta: float = 2.0, margin: float = 0.5, weighting: Weighting = "embedding", tau: float = 0.5,
-                 alpha: float = 0.8, weight_normalization: WeightNormalization = "row",
+                 alpha: Optional[float] = None, weight_normalization: Optional[WeightNormalization] = None,
                  global_contrast: bool = False, form: Form = "paper", normalization_columns: Optional[int] = None):
         self._configure(beta=beta, weighting=weighting, tau=tau, alpha=alpha,
                         weight_normalization=weight_normalization, margin=margin, global_contrast=global_contrast,

@@ -1,15 +1,16 @@
-"""The loss registry: `register_loss`, `build_loss`, `available_losses` and the built `Loss` object.
+"""The loss registry: `register_loss`, `available_losses`, how a registered name, plugin file or module attribute
+is found (`resolve_entry`), and the built `Loss` object.
 
-A *factory* (a function or a class) is registered under a name; `build_loss(name, **options)` validates the
+A *factory* (a function or a class) is registered under a name; `instantiate(entry, options)` validates the
 options against the factory's signature, calls it, and wraps the returned callable in a `Loss` that checks the
-batch keywords, runs the loss and normalises its `LossOutput`.
+batch keywords, runs the loss and normalises its `LossOutput`. Turning a spec and options into a `Loss` (names,
+combinations, the defaults that depend on the run) is `rpo.losses.build`'s job.
 
-Names `build_loss` resolves, in this order:
+Names `resolve_entry` finds, in this order:
   1. a registered name: "rpo";
   2. a plugin file: "path/to/my_losses.py" (imports it once; its `register_loss` calls register its losses; it must
      register exactly one unless a name is picked) or "path/to/my_losses.py:name";
-  3. a weighted combination: "rpo+0.2*sft" (terms are resolved by these same rules, see combination.py);
-  4. a module attribute: "my_pkg.losses:my_loss" (imports my_pkg.losses; my_loss is a factory defined there or a
+  3. a module attribute: "my_pkg.losses:my_loss" (imports my_pkg.losses; my_loss is a factory defined there or a
      name it registered).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from rpo.losses.base import (BATCH_KEYWORDS, CHOSEN_KEYWORDS, EMBEDDING_KEYWORDS
                              REFERENCE_KEYWORDS, REJECTED_KEYWORDS, LossConfigError, LossInputError, LossOutput)
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-_FILE_SPEC = re.compile(r"(?P<path>.+\.py)(?::(?P<attr>[A-Za-z0-9_][A-Za-z0-9_.\-]*))?")
+FILE_SPEC = re.compile(r"(?P<path>.+\.py)(?::(?P<attr>[A-Za-z0-9_][A-Za-z0-9_.\-]*))?")
 _MODULE_SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z0-9_][A-Za-z0-9_.\-]*)")
 
 
@@ -41,7 +42,6 @@ _MODULE_SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr
 class _Entry:
     name: str
     factory: Callable[..., Any]
-    couples_rows: Optional[bool]  # the register_loss default; the loss callable's own attribute wins
 
     @property
     def origin(self) -> str:
@@ -58,20 +58,19 @@ class _Entry:
         return getattr(self.factory, "__qualname__", repr(self.factory)), source
 
 
-_REGISTRY: Dict[str, _Entry] = {}
+REGISTRY: Dict[str, _Entry] = {}
 _PLUGIN_FILES: Dict[Path, Tuple[Any, Tuple[str, ...]]] = {}  # resolved path -> (module, names it registered)
 
 
 # --- registration ------------------------------------------------------------------------------------------------
 
-def register_loss(name: str, *, couples_rows: Optional[bool] = None, override: bool = False):
+def register_loss(name: str, *, override: bool = False):
     """Decorator registering a loss factory under `name`.
 
     The factory (function or class) is called with the loss's options and returns a callable that takes the batch
     keywords and returns a `LossOutput`. The callable may declare `requires` / `optional` (batch keyword names),
-    `couples_rows` and `is_global` attributes; without them `requires` / `optional` are read from its keyword
-    parameters (without / with a default), `couples_rows` is this decorator's argument (default False) and
-    `is_global` is False.
+    `is_global`, `needs_pairs` and `options` attributes (see `Loss`); without them `requires` / `optional` are
+    read from its keyword parameters (without / with a default) and `is_global` / `needs_pairs` are False.
 
     Registering a different factory under a taken name raises unless `override=True`; re-registering the same
     factory (same qualified name in the same source file, e.g. on a reload, or a plugin file that was also
@@ -84,12 +83,12 @@ def register_loss(name: str, *, couples_rows: Optional[bool] = None, override: b
     def decorator(factory):
         if not callable(factory):
             raise LossConfigError(f"register_loss({name!r}) decorates a function or class, got {factory!r}")
-        entry = _Entry(name, factory, couples_rows)
-        existing = _REGISTRY.get(name)
+        entry = _Entry(name, factory)
+        existing = REGISTRY.get(name)
         if existing is not None and existing.identity != entry.identity and not override:
             raise LossConfigError(f"loss name {name!r} is already registered by {existing.origin}; choose another "
                                   f"name or pass register_loss({name!r}, override=True)")
-        _REGISTRY[name] = entry
+        REGISTRY[name] = entry
         return factory
 
     return decorator
@@ -97,7 +96,7 @@ def register_loss(name: str, *, couples_rows: Optional[bool] = None, override: b
 
 def available_losses() -> list:
     """Sorted names of the registered losses (built-ins and the plugins imported so far)."""
-    return sorted(_REGISTRY)
+    return sorted(REGISTRY)
 
 
 # --- options -----------------------------------------------------------------------------------------------------
@@ -152,11 +151,11 @@ def _coerce_option(loss: str, option: str, value: Any, hint: Any) -> Any:
             return value
         hint, origin, args = non_none[0], typing.get_origin(non_none[0]), typing.get_args(non_none[0])
     bad = LossConfigError(f"loss {loss!r}: option {option} expects {getattr(hint, '__name__', hint)}, "
-                          f"got {value!r}")
+                          f"got {value!r}", option=option)
     if origin is typing.Literal:
         if value not in args:
             raise LossConfigError(f"loss {loss!r}: option {option} must be one of "
-                                  f"{', '.join(repr(a) for a in args)}; got {value!r}")
+                                  f"{', '.join(repr(a) for a in args)}; got {value!r}", option=option)
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -192,14 +191,14 @@ def _check_options(loss: str, factory, options: Mapping[str, Any]) -> Tuple[Dict
             hints = sorted({m for key in unknown for m in difflib.get_close_matches(key, accepted, n=1)})
             hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
             raise LossConfigError(f"loss {loss!r} has no option {', '.join(map(repr, unknown))}{hint}; its options "
-                                  f"are: {_describe_options(factory)}")
+                                  f"are: {_describe_options(factory)}", option=unknown[0])
     all_options: Dict[str, Any] = {}
     if signature is not None:
         for p in signature.parameters.values():
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
                 if p.default is p.empty and p.name not in options:
                     raise LossConfigError(f"loss {loss!r} needs option {p.name!r}; its options are: "
-                                          f"{_describe_options(factory)}")
+                                          f"{_describe_options(factory)}", option=p.name)
                 if p.default is not p.empty:
                     all_options[p.name] = p.default
             elif p.kind is p.POSITIONAL_ONLY and p.default is p.empty:
@@ -309,32 +308,57 @@ def _normalise_output(loss: str, output: Any) -> LossOutput:
 class Loss:
     """A built loss: call it with the batch keywords; returns a `LossOutput` with float32 0-dim metrics.
 
-    What the trainer reads (it never looks inside a loss):
+    What an entry point reads (it never looks inside a loss):
       name             how it was asked for ("rpo", "rpo+0.2*sft", "my_pkg.losses:my_loss", ...)
-      options          every option, the factory's defaults included
+      terms            its (name, weight, Loss) terms: a combination's, or ((name, 1.0, self),) for a single loss,
+                       so one loop reads the options of either
+      options          every option with the value it trains with (the factory's defaults and what the loss
+                       resolved, e.g. the weight normalisation of a global contrast); for a combination, the
+                       options on which all the terms that take them agree (per-term values: `terms`)
+      option(name)     one option's value, for a single loss or a combination whose terms agree on it
       requires         batch keywords it needs (a missing one raises `LossInputError` naming it)
       optional         batch keywords it uses when given (e.g. KTO's kl_* log-probs, process_group)
-      couples_rows     True when the loss couples rows of the batch (a contrast matrix: each chosen answer meets
-                       the rejected answers of other prompts), so it is not a sum of per-micro-batch losses: the
-                       trainer must score all micro-batches first (rpo.distributed.TwoPassContrast)
       is_global        True when it contrasts over the process group passed as `process_group` (also for a
-                       combination with such a term); its `LossOutput.global_loss` is then the global part
+                       combination with such a term); its `LossOutput.global_loss` is then the global part, and a
+                       trainer scoring a step in several micro-batches must score all of them first
+                       (rpo.distributed.TwoPassContrast)
+      needs_pairs      True when it is defined on (chosen_i, rejected_i) pairs of one prompt only
       needs_reference  True when it needs reference-model log-probs
       needs_embeddings True when it needs the prompt embeddings (chosen_embeddings, rejected_embeddings)
-      terms            for a combination, its (name, weight, Loss) terms
+      uses_kl_pairs    True when it takes KTO's mismatched-pair log-probs
     """
 
-    terms: Tuple[Tuple[str, float, "Loss"], ...] = ()  # (name, weight, loss) of a combination, else empty
-
     def __init__(self, name: str, fn: Callable[..., LossOutput], options: Mapping[str, Any],
-                 default_couples_rows: Optional[bool] = None):
+                 terms: Optional[Sequence[Tuple[str, float, "Loss"]]] = None):
         self.name = name
-        self.options = dict(options)
         self._fn = fn
+        self._terms = tuple(terms) if terms else ((name, 1.0, self),)
+        resolved = getattr(fn, "options", None)
+        self.options = {**options, **(dict(resolved) if isinstance(resolved, Mapping) else {})}
         self.requires, self.optional, self._passed = _declared_keywords(name, fn)
-        couples = getattr(fn, "couples_rows", None)
-        self.couples_rows = bool(default_couples_rows if couples is None else couples)
         self.is_global = bool(getattr(fn, "is_global", False))
+        self.needs_pairs = bool(getattr(fn, "needs_pairs", False))
+
+    @property
+    def terms(self) -> Tuple[Tuple[str, float, "Loss"], ...]:
+        return self._terms
+
+    def option(self, key: str) -> Any:
+        """The value of option `key`: a LossConfigError when no term takes it or the terms disagree."""
+        values = {name: term.options[key] for name, _, term in self.terms if key in term.options}
+        if not values:
+            raise LossConfigError(f"loss {self.name!r} has no option {key!r}", option=key)
+        distinct = {repr(value) for value in values.values()}
+        if len(distinct) > 1:
+            described = ", ".join(f"{name}: {value!r}" for name, value in values.items())
+            raise LossConfigError(f"loss {self.name!r}: its terms set option {key!r} differently ({described}); "
+                                  f"read it per term from loss.terms", option=key)
+        return next(iter(values.values()))
+
+    def describe(self) -> Dict[str, Any]:
+        """{"loss": name, "terms": [{"name", "weight", "options"}]}: what a run trained with, as plain data."""
+        return {"loss": self.name, "terms": [{"name": name, "weight": weight, "options": dict(term.options)}
+                                             for name, weight, term in self.terms]}
 
     @property
     def needs_embeddings(self) -> bool:
@@ -381,7 +405,7 @@ class Loss:
 # --- resolution --------------------------------------------------------------------------------------------------
 
 def _unknown_name_error(spec: str) -> LossConfigError:
-    close = difflib.get_close_matches(spec, list(_REGISTRY), n=3)
+    close = difflib.get_close_matches(spec, list(REGISTRY), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return LossConfigError(
         f"unknown loss {spec!r}.{hint} Registered losses: {', '.join(available_losses())}. Other forms: "
@@ -402,7 +426,7 @@ def _import_plugin_file(path_text: str) -> Tuple[Any, Tuple[str, ...]]:
     module_name = f"rpo_loss_plugin_{re.sub(r'[^0-9A-Za-z_]', '_', key.stem)}_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, key)
     module = importlib.util.module_from_spec(spec)
-    before = set(_REGISTRY)
+    before = set(REGISTRY)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up while it executes
     try:
         spec.loader.exec_module(module)
@@ -410,7 +434,7 @@ def _import_plugin_file(path_text: str) -> Tuple[Any, Tuple[str, ...]]:
         del sys.modules[module_name]
         raise LossConfigError(f"importing loss plugin file {str(path)!r} failed: {type(error).__name__}: {error}") \
             from error
-    names = tuple(sorted(name for name, entry in _REGISTRY.items()
+    names = tuple(sorted(name for name, entry in REGISTRY.items()
                          if name not in before or getattr(entry.factory, "__module__", None) == module_name))
     _PLUGIN_FILES[key] = (module, names)
     return module, names
@@ -419,26 +443,26 @@ def _import_plugin_file(path_text: str) -> Tuple[Any, Tuple[str, ...]]:
 def _entry_from_module(module, attr: str, origin: str, registered_there: Sequence[str]) -> _Entry:
     obj = getattr(module, attr, None)
     if obj is not None and callable(obj):
-        for entry in _REGISTRY.values():
+        for entry in REGISTRY.values():
             if entry.factory is obj:
                 return entry
-        return _Entry(f"{origin}:{attr}", obj, None)
-    if attr in _REGISTRY:
-        return _REGISTRY[attr]
+        return _Entry(f"{origin}:{attr}", obj)
+    if attr in REGISTRY:
+        return REGISTRY[attr]
     raise LossConfigError(f"{origin!r} has no loss factory or registered loss named {attr!r}; it registers: "
                           f"{', '.join(registered_there) or '(none)'}")
 
 
 def _module_registered(module_name: str) -> list:
-    return sorted(name for name, entry in _REGISTRY.items()
+    return sorted(name for name, entry in REGISTRY.items()
                   if getattr(entry.factory, "__module__", "") == module_name)
 
 
 def resolve_entry(spec: str) -> _Entry:
     """Resolve a single (non-combination) loss spec to its registry entry (see the module docstring)."""
-    if spec in _REGISTRY:
-        return _REGISTRY[spec]
-    file_match = _FILE_SPEC.fullmatch(spec)
+    if spec in REGISTRY:
+        return REGISTRY[spec]
+    file_match = FILE_SPEC.fullmatch(spec)
     if file_match:
         module, names = _import_plugin_file(file_match["path"])
         attr = file_match["attr"]
@@ -449,7 +473,7 @@ def resolve_entry(spec: str) -> _Entry:
                 f"loss plugin file {file_match['path']!r} registers {len(names)} losses "
                 f"({', '.join(names) or 'none: decorate a factory with @register_loss(name)'})"
                 + (f"; pick one with '{file_match['path']}:NAME'" if names else ""))
-        return _REGISTRY[names[0]]
+        return REGISTRY[names[0]]
     module_match = _MODULE_SPEC.fullmatch(spec)
     if module_match:
         try:
@@ -472,23 +496,4 @@ def instantiate(entry: _Entry, options: Mapping[str, Any]) -> Loss:
         raise LossConfigError(f"loss {entry.name!r}: {error}") from error
     if not callable(fn):
         raise LossConfigError(f"loss {entry.name!r}: its factory returned {type(fn).__name__}, not a callable")
-    return Loss(entry.name, fn, all_options, entry.couples_rows)
-
-
-def build_loss(spec: Union[str, Sequence[Any]], **options: Any) -> Loss:
-    """Build a loss by name (see the module docstring for the accepted forms) with its options.
-
-    For a combination (a "a+0.2*b" string or a list of (name, weight[, options]) terms), each option goes to every
-    term whose factory accepts it, and `NAME={...}` passes options to the term NAME only; an option no term
-    accepts is an error.
-    """
-    from rpo.losses.combination import build_combination, is_combination, parse_combination
-
-    if isinstance(spec, (list, tuple)):
-        return build_combination(spec, options)
-    if not isinstance(spec, str) or not spec.strip():
-        raise LossConfigError(f"expected a loss name (a string) or a list of (name, weight) terms, got {spec!r}")
-    spec = spec.strip()
-    if spec not in _REGISTRY and not _FILE_SPEC.fullmatch(spec) and is_combination(spec):
-        return build_combination(parse_combination(spec), options)
-    return instantiate(resolve_entry(spec), options)
+    return Loss(entry.name, fn, all_options)

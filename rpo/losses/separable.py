@@ -25,6 +25,7 @@ class DPOLoss(PreferenceLoss):
     """DPO: mean_i −(1−ε)·log σ(β h_i) − ε·log σ(−β h_i)  (ε = label_smoothing, conservative DPO)."""
 
     name = "dpo"
+    needs_pairs = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
         self._set_scores(beta)
@@ -48,6 +49,7 @@ class IPOLoss(PreferenceLoss):
     """
 
     name = "ipo"
+    needs_pairs = True
 
     def __init__(self, beta: float = 0.1, length_normalized: bool = False):
         self._set_scores(beta, per_token=length_normalized)
@@ -63,6 +65,7 @@ class SimPOLoss(PreferenceLoss):
     """SimPO: mean_i −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ), γ = margin; no reference model."""
 
     name = "simpo"
+    needs_pairs = True
 
     def __init__(self, beta: float = 2.0, margin: float = 0.5):
         self._set_scores(beta, reference_free=True, per_token=True)
@@ -160,8 +163,6 @@ class SFTLoss:
     batch's token mean. Without it (one call on one batch) both forms are the same number.
     Not a preference loss (no rejected answers, no rewards), so not a `PreferenceLoss`.
     """
-
-    couples_rows = False
 
     def __init__(self):
         self.requires = frozenset({"policy_chosen_logps", "chosen_lengths"})

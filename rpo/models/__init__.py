@@ -23,7 +23,7 @@ from rpo.models.logprobs import (
     sequence_logprobs_full_logits,
     vocab_parallel_token_logprobs,
 )
-from rpo.models.packing import PackPlan, packed_sequence_logprobs, plan_packing
+from rpo.models.packing import PackPlan, packed_sequence_logprobs, plan_packing, sequence_logps
 from rpo.models.parallel import ParallelInfo, free_port, init_parallel, parallel_info, set_seed, teardown
 from rpo.models.policy_and_reference import (load_gpt_model, load_hf_config, load_policy, reference_model,
                                              resolve_dtype)
@@ -33,6 +33,6 @@ __all__ = [
     "concat_batches", "default_model_path", "forward_hidden_states", "free_port", "gather_hf_state",
     "init_parallel", "load_gpt_model", "load_hf_config", "load_hf_weights", "load_policy", "model_info",
     "packed_sequence_logprobs", "padded_vocab_size", "parallel_info", "plan_packing", "reference_model",
-    "resolve_dtype", "save_hf", "sequence_logprobs", "sequence_logprobs_full_logits", "set_seed", "teardown",
+    "resolve_dtype", "save_hf", "sequence_logprobs", "sequence_logprobs_full_logits", "sequence_logps", "set_seed", "teardown",
     "transformer_config_from_hf", "unwrap", "vocab_parallel_token_logprobs", "write_hf_folder",
 ]

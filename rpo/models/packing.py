@@ -18,12 +18,13 @@ Transformer Engine's packed-sequence (THD) format is not wired here: packing nee
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
 from rpo.models import gpt as gpt_lib
-from rpo.models.logprobs import DEFAULT_CHUNK_SIZE, SequenceLogProbs, logprobs_from_hidden, validate_batch
+from rpo.models.logprobs import (DEFAULT_CHUNK_SIZE, SequenceLogProbs, logprobs_from_hidden, sequence_logprobs,
+                                 validate_batch)
 
 
 @dataclass(frozen=True)
@@ -191,3 +192,19 @@ def packed_sequence_logprobs(model, batch: Mapping[str, torch.Tensor], pack_leng
     sums = token_logprobs.sum(dim=1)
     return SequenceLogProbs(sums=sums, counts=loss_mask.to(device).sum(dim=1),
                             token_logprobs=token_logprobs if return_token_logprobs else None)
+
+
+def sequence_logps(model, batch: Mapping[str, Any], *, grad: bool,
+                   packing: Optional[PackPlan] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of response-token log-probs [R] (float32) and response token counts [R] of a batch
+    (input_ids, attention_mask, loss_mask; other keys are ignored), with or without autograd.
+
+    `packing`: the batch's PackPlan (`plan_packing`, --packing): the same values from one padding-free forward.
+    """
+    tensors = {key: batch[key] for key in ("input_ids", "attention_mask", "loss_mask")}
+    with torch.set_grad_enabled(grad):
+        if packing is None:
+            result = sequence_logprobs(model, tensors, return_token_logprobs=False)
+        else:
+            result = packed_sequence_logprobs(model, tensors, packing, return_token_logprobs=False)
+    return result.sums.float(), result.counts

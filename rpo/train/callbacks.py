@@ -1,5 +1,5 @@
 """Hooks into the training loop. Every method is optional; each runs on every rank, in the order the callbacks
-were given (the trainer's own run report first).
+were given (the trainer's own run report first). `trainer` is the running rpo.train.Trainer.
 
     on_fit_start(trainer)              before the first step of fit() (after set-up and --resume)
     on_log(trainer, record)            a logged step: `record` is its metrics.jsonl object
@@ -9,24 +9,21 @@ were given (the trainer's own run report first).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
-
-if TYPE_CHECKING:
-    from rpo.train.trainer import Trainer
+from typing import Any, Dict, Optional
 
 
 class Callback:
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer) -> None:
         pass
 
-    def on_log(self, trainer: "Trainer", record: Dict[str, Any]) -> None:
+    def on_log(self, trainer, record: Dict[str, Any]) -> None:
         pass
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: Optional[Dict[str, Any]]) -> None:
+    def on_step_end(self, trainer, step: int, record: Optional[Dict[str, Any]]) -> None:
         pass
 
-    def on_loop_end(self, trainer: "Trainer") -> None:
+    def on_loop_end(self, trainer) -> None:
         pass
 
-    def on_fit_end(self, trainer: "Trainer", summary: Dict[str, Any]) -> None:
+    def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None:
         pass

@@ -31,11 +31,12 @@ def configure_logging(level: int = logging.INFO) -> None:
 def main(argv: Optional[List[str]] = None, prog: str = "rpo-train") -> int:
     """Parse the command line, train, return the exit status (0, or 2 for an error in the user's input)."""
     config = TrainConfig.from_cli(sys.argv[1:] if argv is None else argv, prog=prog)
-    # Imported after parsing so that --help and option errors answer at once (no torch/megatron import).
+    # Imported after parsing so that --help answers at once (no torch or megatron import; the loss options are
+    # checked by rpo.losses inside from_cli).
     import torch
 
     from rpo.models.parallel import teardown
-    from rpo.train import Trainer
+    from rpo.train.trainer import Trainer
     from rpo.train.ranks import user_error_types
 
     if not torch.cuda.is_available():

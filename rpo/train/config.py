@@ -38,17 +38,8 @@ def default_dataset_path() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paired.jsonl"
 
 
-# The prompt-similarity temperature for unpaired data when --tau is not given (the paper's suggestion; paired data
-# keeps the loss's own default, 0.5).
-UNPAIRED_TAU = 0.75
-
-# The contrast weight normalisation of --global-contrast when --weight-normalization is not given: rows sum to
-# N/K with K = the pairs per data-parallel rank, so turning the authors' per-GPU matrix into the global one keeps
-# its effective beta (chosen from the alignment benchmark: docs/benchmarks.md). rpo.losses keeps the paper's row.
-GLOBAL_CONTRAST_NORMALIZATION = "reference_columns"
-
-# Options forwarded to rpo.losses.build_loss when set (None = the loss's own default). Kept in one place so the
-# trainer and the docs agree on which config fields are loss options.
+# Options forwarded to rpo.losses when set (None = the loss's own default; rpo.losses checks every value). Kept in
+# one place so the trainer and the docs agree on which config fields are loss options.
 LOSS_OPTION_FIELDS = ("beta", "tau", "alpha", "weighting", "weight_normalization", "normalization_columns",
                       "margin", "label_smoothing", "desirable_weight", "undesirable_weight", "global_contrast")
 # Config fields whose loss option has a shorter name (the loss's own).
@@ -124,35 +115,34 @@ class TrainConfig:
         "plugin file path, or a weighted combination such as 'rpo+0.2*sft'.", group="loss")
     beta: Optional[float] = _opt(
         None, "Reward scale beta (loss default: 0.1, the paper's, for dpo/ipo/kto/rpo; 2.0 for simpo).",
-        group="loss", exclusive_minimum=0.0)
+        group="loss")
     tau: Optional[float] = _opt(
         None, "Temperature of the prompt-similarity weights (default: 0.5 for paired data, 0.75 for unpaired).",
-        group="loss", exclusive_minimum=0.0)
+        group="loss")
     alpha: Optional[float] = _opt(None, "Diagonal emphasis for --weighting diagonal (loss default 0.8).",
-                                  group="loss", minimum=0.0, maximum=1.0)
+                                  group="loss")
     weighting: Optional[str] = _opt(
         None, "Contrast weighting (loss default: embedding).", group="loss",
         choices=("embedding", "uniform", "diagonal", "none"))
     weight_normalization: Optional[str] = _opt(
         None, "Contrast weight normalisation: row (rows sum to 1, the paper), mean (the average pair keeps the "
         "full beta at any matrix size) or reference_columns (rows sum to N/K: the effective beta of a K-column "
-        "matrix, see --normalization-columns). Default: reference_columns with --global-contrast (the per-GPU "
-        "matrix's effective beta on the global one), else row.", group="loss",
-        choices=("row", "mean", "reference_columns"))
+        "matrix, see --normalization-columns). Default: reference_columns with --global-contrast (every pair "
+        "keeps the effective beta of the authors' 8-column per-GPU matrix, at any layout and global batch), else "
+        "row.", group="loss", choices=("row", "mean", "reference_columns"))
     normalization_columns: Optional[int] = _opt(
-        None, "K of --weight-normalization reference_columns (default: the pairs per data-parallel rank, i.e. "
-        "the authors' per-GPU matrix, whatever the global batch).", group="loss", minimum=1)
+        None, "K of --weight-normalization reference_columns (default 8: the authors' per-GPU matrix, 64 pairs "
+        "on 8 GPUs).", group="loss")
     contrast_form: Optional[str] = _opt(
         None, "Diagonal weighting's form: paper (Eq. 13, alpha inside the sigmoid; loss default) or authors (the "
         "authors' code: alpha outside the sigmoid on per-pair losses).", group="loss",
         choices=("paper", "authors"))
     margin: Optional[float] = _opt(None, "Reward margin (SimPO's gamma; contrast losses' margin).", group="loss")
-    label_smoothing: Optional[float] = _opt(None, "DPO label smoothing (conservative DPO).", group="loss",
-                                            minimum=0.0, exclusive_maximum=0.5)
+    label_smoothing: Optional[float] = _opt(None, "DPO label smoothing (conservative DPO).", group="loss")
     desirable_weight: Optional[float] = _opt(None, "KTO weight of desirable examples (loss default 1).",
-                                             group="loss", minimum=0.0)
+                                             group="loss")
     undesirable_weight: Optional[float] = _opt(None, "KTO weight of undesirable examples (loss default 1).",
-                                               group="loss", minimum=0.0)
+                                               group="loss")
     loss_options: Dict[str, Any] = _opt(
         None, "Further loss options as KEY=VALUE (repeatable; VALUE parsed as YAML), e.g. for plugin losses.",
         group="loss", cli_nargs="append", metavar="KEY=VALUE", cli_flag="--loss-option", default_factory=dict)
@@ -271,8 +261,6 @@ class TrainConfig:
         if self.micro_batch_size > self.global_batch_size:
             raise ConfigError(f"--micro-batch-size ({self.micro_batch_size}) is larger than --global-batch-size "
                               f"({self.global_batch_size})")
-        if self.alpha is not None and self.weighting not in (None, "diagonal"):
-            raise ConfigError(f"--alpha applies to --weighting diagonal only (got --weighting {self.weighting})")
         for key in self.loss_options:
             if key in LOSS_OPTION_FIELDS:
                 raise ConfigError(f"--loss-option {key}=...: use --{key.replace('_', '-')} instead")
@@ -289,19 +277,14 @@ class TrainConfig:
                 f"({self.micro_batch_size}) x data-parallel size ({data_parallel_size})")
         return self.global_batch_size // per_step
 
-    def loss_build_options(self, paired: bool = True, data_parallel_size: int = 1) -> Dict[str, Any]:
-        """The loss options the user set (None fields are left to the loss's defaults). `paired=False` (unpaired
-        data, for a loss that takes a tau) adds tau = UNPAIRED_TAU unless --tau was given. reference_columns
-        without --normalization-columns keeps the per-rank matrix's scale: K = global batch / data-parallel size."""
+    def loss_settings(self) -> Dict[str, Any]:
+        """The loss options this config sets (its loss fields that are not None, and --loss-option); every other
+        option is the loss's own default, and rpo.losses.resolve_loss checks them all."""
         options = {name: getattr(self, name) for name in LOSS_OPTION_FIELDS if getattr(self, name) is not None}
         options.update({loss_name: getattr(self, name) for name, loss_name in RENAMED_LOSS_OPTIONS.items()
                         if getattr(self, name) is not None})
-        if self.weight_normalization == "reference_columns" and self.normalization_columns is None:
-            options["normalization_columns"] = max(1, self.global_batch_size // data_parallel_size)
         if not self.global_contrast:
             options.pop("global_contrast")
-        if not paired and self.tau is None:
-            options["tau"] = UNPAIRED_TAU
         options.update(self.loss_options)
         return options
 
@@ -379,9 +362,42 @@ class TrainConfig:
             if config_path is not None:
                 _check_file_values(values, config_path)
             values.update(args)
-            return cls.from_dict(values, source=config_path or "command line")
+            config = cls.from_dict(values, source=config_path or "command line")
+            build_training_loss(config)  # rpo.losses checks the loss options (paired data; unpaired at set-up)
+            return config
         except ConfigError as err:
             parser.error(str(err))
+
+
+def build_training_loss(config: TrainConfig, *, paired: bool = True):
+    """The run's loss: `rpo.losses.resolve_loss` with the options this config sets; an error names the option's
+    flag (or --loss). `paired=False` for unpaired data (rpo.losses then picks the unpaired τ and refuses a loss
+    defined on pairs only). Every entry point that reads a TrainConfig (the trainer, --plan, rpo-eval) calls
+    this."""
+    from rpo.losses import LossConfigError, resolve_loss
+
+    try:
+        loss = resolve_loss(config.loss, config.loss_settings(), paired=paired)
+    except LossConfigError as error:
+        raise ConfigError(f"{_flag_of_loss_option(error.option, config)}: {error}") from None
+    if loss.uses_kl_pairs and config.precompute_reference:
+        raise ConfigError(f"--precompute-reference: loss {loss.name!r} scores KTO's mismatched (prompt, completion) "
+                          f"pairs of every batch with the live reference model, which --precompute-reference does "
+                          f"not keep; drop --precompute-reference")
+    if config.global_contrast and not loss.is_global:
+        raise ConfigError(f"--global-contrast: loss {loss.name!r} has no global contrast (it does not take a "
+                          f"process group); use a contrast loss such as rpo")
+    return loss
+
+
+def _flag_of_loss_option(option: Optional[str], config: TrainConfig) -> str:
+    """The flag that set a loss option: --beta, --contrast-form, --loss-option NAME, or --loss for the rest."""
+    fields = {**{name: name for name in LOSS_OPTION_FIELDS}, **{v: k for k, v in RENAMED_LOSS_OPTIONS.items()}}
+    if option in config.loss_options:
+        return f"--loss-option {option}"
+    if option in fields and getattr(config, fields[option]) is not None:
+        return "--" + fields[option].replace("_", "-")
+    return f"--loss {config.loss}"
 
 
 def options_table() -> str:

@@ -21,7 +21,10 @@ logger = logging.getLogger("rpo.train")
 # What marks a folder as a previous run's (see `check_run_folder`).
 RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "final", "checkpoints")
 # Everything a run writes in its folder; --overwrite removes these.
-REMOVED_BY_OVERWRITE = RUN_OUTPUTS + ("curves.png", "tensorboard", "wandb")
+REMOVED_BY_OVERWRITE = RUN_OUTPUTS + ("loss.json", "curves.png", "tensorboard", "wandb")
+# The loss a run trains with, every option resolved (rpo.losses.Loss.describe() and whether the data is paired):
+# written at set-up, read by rpo-eval.
+LOSS_FILE = "loss.json"
 
 
 def launch_world_size() -> int:

@@ -22,28 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rpo.models.packing import sequence_logps
 from rpo.progress import StageProgress
 from rpo.train.metrics import collective_device
 
 logger = logging.getLogger("rpo.train")
-
-
-def sequence_logps(model, batch: Mapping[str, Any], *, grad: bool, packing=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of response-token log-probs [R] (float32) and response token counts [R].
-
-    `packing`: a PackPlan of the batch's rows (rpo.models.plan_packing, --packing): the same values from one
-    padding-free forward of the packed rows.
-    """
-    from rpo.models.logprobs import sequence_logprobs
-    from rpo.models.packing import packed_sequence_logprobs
-
-    tensors = {key: batch[key] for key in ("input_ids", "attention_mask", "loss_mask")}
-    with torch.set_grad_enabled(grad):
-        if packing is None:
-            result = sequence_logprobs(model, tensors, return_token_logprobs=False)
-        else:
-            result = packed_sequence_logprobs(model, tensors, packing, return_token_logprobs=False)
-    return result.sums.float(), result.counts
 
 
 class ReferenceLogps:

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from rpo.train.callbacks import Callback
 from rpo.train.metrics import MetricsLog, plot_curves
 from rpo.train.preflight import is_rank_zero
-
-if TYPE_CHECKING:
-    from rpo.train.trainer import Trainer
 
 logger = logging.getLogger("rpo.train")
 
@@ -44,7 +41,7 @@ class RunReport(Callback):
         self.first_step: Optional[int] = None  # the first step of this run (the effective-beta notice)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer) -> None:
         if self.is_main:
             if trainer.step > 0:
                 self.metrics_log.truncate_after(trainer.step)  # the resumed run logs the later steps again
@@ -58,7 +55,7 @@ class RunReport(Callback):
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc=trainer.loss.name, unit="step",
                             dynamic_ncols=True)
 
-    def on_log(self, trainer: "Trainer", record: Dict[str, Any]) -> None:
+    def on_log(self, trainer, record: Dict[str, Any]) -> None:
         if not self.is_main:
             return
         self.metrics_log.write(record)
@@ -69,7 +66,7 @@ class RunReport(Callback):
         elif any(key.startswith("eval/") for key in record):
             self.bar.write(format_record(record, trainer.total_steps))
 
-    def on_step_end(self, trainer: "Trainer", step: int, record: Optional[Dict[str, Any]]) -> None:
+    def on_step_end(self, trainer, step: int, record: Optional[Dict[str, Any]]) -> None:
         if self.is_main and step == self.first_step:
             for notice in effective_beta_notices(trainer.loss, trainer.last_step_metrics):
                 logger.log(*notice)
@@ -77,7 +74,7 @@ class RunReport(Callback):
             self.bar.update(1)
             self.bar.set_postfix(_postfix(trainer.last_step_metrics), refresh=False)
 
-    def on_loop_end(self, trainer: "Trainer") -> None:
+    def on_loop_end(self, trainer) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -85,7 +82,7 @@ class RunReport(Callback):
             self.tracker.close()
             self.tracker = None
 
-    def on_fit_end(self, trainer: "Trainer", summary: Dict[str, Any]) -> None:
+    def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None:
         if not self.is_main:
             return
         plot_curves(self.metrics_log.path, summary["curves"])
@@ -114,7 +111,7 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, output_dir: Path, trainer: "Trainer"):
+    def __init__(self, output_dir: Path, trainer):
         import wandb
 
         self.wandb = wandb
@@ -128,7 +125,7 @@ class _WandB:
         self.run.finish()
 
 
-def _open_tracker(report_to: str, output_dir: Path, trainer: "Trainer"):
+def _open_tracker(report_to: str, output_dir: Path, trainer):
     if report_to == "tensorboard":
         return _TensorBoard(output_dir / TENSORBOARD_DIR)
     if report_to == "wandb":
@@ -137,18 +134,20 @@ def _open_tracker(report_to: str, output_dir: Path, trainer: "Trainer"):
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
+def loss_summary(loss) -> str:
+    """One line: the loss and every option each term trains with (rpo.losses resolved the defaults)."""
+    terms = "; ".join(f"{weight:g} x {name} (" + ", ".join(f"{key}={value}" for key, value in term.options.items())
+                      + ")" for name, weight, term in loss.terms)
+    return f"loss {loss.name}: {terms}"
+
+
 def effective_beta_notices(loss, metrics: Dict[str, float]) -> List[tuple]:
-    """`effective_beta_notice` for a loss: one notice, or for a combination one per term with a contrast matrix
-    (a term whose options name a weight_normalization), its message led by the term's name. A combination keeps
-    a metric key for the first term that reports it and prefixes a later term's with `<term>/`
-    (rpo.losses.combination.WeightedSum), so the first contrast term reads `contrast/*` and later ones
-    `<term>/contrast/*`."""
-    terms = getattr(loss, "terms", None)
-    if not terms:
-        notice = effective_beta_notice(metrics, loss.options.get("beta"), loss.options.get("weight_normalization"))
-        return [] if notice is None else [notice]
+    """`effective_beta_notice` per term with a contrast matrix (a term whose options name a weight_normalization),
+    read from that term's contrast/* metrics. A combination keeps a metric key for the first term that reports it
+    and prefixes a later term's with `<term>/` (rpo.losses.combination.WeightedSum), so the first contrast term
+    reads `contrast/*` and later ones `<term>/contrast/*`; a combination's notices are led by the term's name."""
     notices, first = [], True
-    for name, _, term in terms:
+    for name, _, term in loss.terms:
         if "weight_normalization" not in term.options:
             continue
         prefix, first = ("" if first else f"{name}/"), False
@@ -156,7 +155,7 @@ def effective_beta_notices(loss, metrics: Dict[str, float]) -> List[tuple]:
                         if key.startswith(prefix + "contrast/")}
         notice = effective_beta_notice(term_metrics, term.options.get("beta"), term.options["weight_normalization"])
         if notice is not None:
-            notices.append((notice[0], f"{name}: {notice[1]}"))
+            notices.append(notice if len(loss.terms) == 1 else (notice[0], f"{name}: {notice[1]}"))
     return notices
 
 

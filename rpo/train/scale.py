@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rpo.train.config import ConfigError, TrainConfig
+from rpo.train.config import ConfigError, TrainConfig, build_training_loss
 
 # megatron-core's DistributedOptimizer asserts torch's Adam/AdamW (or TE/apex FusedAdam): its checkpointing of the
 # sharded state knows only Adam's state (exp_avg, exp_avg_sq).
@@ -47,8 +47,6 @@ def check_scale_options(config: TrainConfig) -> None:
             raise ConfigError(f"--expert-parallel {config.expert_parallel} with --precompute-reference is not "
                               f"supported (the data-parallel ranks score different numbers of rows, and every "
                               f"expert-parallel forward needs all of them)")
-        from rpo.train.trainer import build_training_loss
-
         if build_training_loss(config).uses_kl_pairs:
             raise ConfigError(f"--expert-parallel {config.expert_parallel} with --loss {config.loss} is not supported "
                               f"(its KL reference pairs are scored in as many forwards as each rank has pairs, and "
@@ -71,7 +69,6 @@ def memory_plan(config: TrainConfig):
     from rpo.models.memory_plan import plan_from_train_config
     from rpo.models.policy_and_reference import load_hf_config
     from rpo.train import preflight
-    from rpo.train.trainer import build_training_loss
 
     model_path = (preflight.resolve_model_path(config.model, "--model") if config.model
                   else preflight.default_model_path())

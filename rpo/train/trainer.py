@@ -11,20 +11,19 @@ One optimiser step, per data-parallel rank r of W:
      chosen and rejected rows;
   2. per-sequence log-probs (rpo.models.logprobs) of the policy, and of the frozen reference
      (rpo.train.reference_logps: a second model with the same sharding, or `--precompute-reference`'s cache);
-  3. the loss (rpo.losses) and its backward, normalised so that after Megatron DDP's gradient averaging the
-     gradient is that of the loss of the whole global batch: the loss's global part (`LossOutput.global_loss`,
-     a contrast over the data-parallel group) x W, its separable rest x rows_mb x W / rows_global (rows = chosen +
-     rejected sequences; see rpo.distributed.data_parallel_loss_scale); when a global loss's batch spans several
-     micro-batches, rpo.distributed.TwoPassContrast (scores of every micro-batch without grad, the global matrix,
-     then a second forward per micro-batch with the score gradients);
+  3. the loss (rpo.losses, built by rpo.train.config.build_training_loss) and its backward, the data-parallel
+     objective of rpo.distributed (`data_parallel_objective`: after Megatron DDP's gradient averaging the gradient
+     is that of the loss of the whole global batch); when a global loss's batch spans several micro-batches,
+     rpo.distributed.TwoPassContrast (scores of every micro-batch without grad, the global matrix, then a second
+     forward per micro-batch with the score gradients);
   4. DDP gradient all-reduce, global-norm clipping, optimiser update, learning-rate schedule.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import replace
@@ -37,12 +36,11 @@ from rpo.progress import StageProgress
 from rpo.train import checkpoint as ckpt
 from rpo.train import preflight, ranks, scale
 from rpo.train.callbacks import Callback
-from rpo.train.config import (GLOBAL_CONTRAST_NORMALIZATION, UNPAIRED_TAU, ConfigError, TrainConfig,
-                              default_dataset_path)
+from rpo.models.packing import sequence_logps
+from rpo.train.config import ConfigError, TrainConfig, build_training_loss, default_dataset_path
 from rpo.train.metrics import WeightedMean, all_reduce_sum
-from rpo.train.reference_logps import (ReferenceLogps, model_fingerprint, precompute_reference_logps,
-                                      sequence_logps)
-from rpo.train.reporting import RunReport
+from rpo.train.reference_logps import ReferenceLogps, model_fingerprint, precompute_reference_logps
+from rpo.train.reporting import RunReport, loss_summary
 
 logger = logging.getLogger("rpo.train")
 
@@ -79,7 +77,7 @@ class Trainer:
 
         cfg = self.config
         preflight.check_before_start(cfg)  # cheap checks before any heavy start-up
-        self.loss = self._build_loss()
+        self.loss = build_training_loss(cfg)  # built again for unpaired data once the data is read
         megatron_logger = logging.getLogger("megatron.core")
         if megatron_logger.level == logging.NOTSET:
             megatron_logger.setLevel(logging.WARNING)  # its INFO lines list every parameter of every bucket
@@ -141,12 +139,6 @@ class Trainer:
             logger.warning("--dtype bfloat16 on CPU: slow and inexact; float32 is the CPU default")
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
-    def _build_loss(self, paired: bool = True):
-        loss = build_training_loss(self.config, paired=paired)
-        if not paired and self.config.tau is None and "tau" in _all_options(loss) and preflight.is_rank_zero():
-            logger.info("unpaired data: tau %s (pass --tau to choose another)", UNPAIRED_TAU)
-        return loss
-
     # --------------------------------------------------------------------------------------------- data ----
     def _setup_data(self) -> None:
         from transformers import AutoTokenizer
@@ -179,7 +171,11 @@ class Trainer:
                                   f"data-parallel ranks; raise --eval-split-fraction or pass --eval-dataset")
         self.train_data, self.eval_data = train_set, eval_set
         if not tokenized.paired:
-            self.loss = self._build_loss(paired=False)
+            self.loss = build_training_loss(cfg, paired=False)
+        if self.is_main:
+            logger.info("%s", loss_summary(self.loss))
+            (self.output_dir / preflight.LOSS_FILE).write_text(
+                json.dumps({**self.loss.describe(), "paired": tokenized.paired}, indent=2) + "\n")
         try:
             self.batcher = PreferenceBatcher(tokenized, embeddings, self.rank_batch_size, self.dp_rank,
                                              self.dp_size, cfg.seed, batching=cfg.batching,
@@ -325,20 +321,22 @@ class Trainer:
         return inputs
 
     @torch.no_grad()
-    def _kl_inputs(self, batch: Batch) -> Dict[str, Any]:
-        """KTO's mismatched pairs of this rank's batch (rpo.data.kto_pairs), scored by the policy and the live
-        reference without gradients (z is detached), in micro-batches; {} for a loss without KL.
+    def _kl_inputs(self, batch: Batch, batcher) -> Dict[str, Any]:
+        """KTO's mismatched pairs of this rank's rows (rpo.data.kto_pairs), paired over the global batch
+        (`batcher` made `batch`), scored by the policy and the live reference without gradients (z is detached),
+        in micro-batches; {} for a loss without KL.
 
-        Built once from the whole rank batch, so z does not depend on how the step is cut into micro-batches.
-        The loss all-reduces z over the data-parallel group. Cost: one more forward of the batch's rows through
-        the policy and one through the reference per step.
+        Paired over the global batch, so the pairs and z do not depend on how the step is cut into ranks and
+        micro-batches. The loss all-reduces z over the data-parallel group. Cost: one more forward of the batch's
+        rows through the policy and one through the reference per step.
         """
         if not self.loss.uses_kl_pairs:
             return {}
         from rpo.data import micro_batches
         from rpo.data.kto_pairs import mismatched_pairs
 
-        pairs = mismatched_pairs(batch, max_length=self.config.max_length, pad_token_id=self.train_data[0].pad_token_id)
+        pairs = mismatched_pairs(batch, max_length=self.config.max_length, pad_token_id=self.train_data[0].pad_token_id,
+                                 global_batch=batcher.global_completions(batch))
         count = pairs["num_chosen"]
         policy, reference = [], []
         for mb in (micro_batches(pairs, min(self.accumulation, count)) if count else []):
@@ -350,20 +348,12 @@ class Trainer:
                 "process_group": self.dp_group}
 
     def _objective(self, output, rows: int, rows_global: int) -> torch.Tensor:
-        """What to back-propagate so that DDP's averaged gradient is the gradient of the global batch's loss.
+        """What to back-propagate so that DDP's averaged gradient is the gradient of the global batch's loss
+        (rpo.distributed.data_parallel_objective; `rows` of the step's `rows_global` chosen + rejected rows)."""
+        from rpo.distributed import data_parallel_loss_scale, data_parallel_objective
 
-        The separable part of the loss is a mean over this rank's rows: weight rows x W / rows_global. The global
-        part (`LossOutput.global_loss`, a contrast over the data-parallel group) is already the global batch's
-        loss on every rank, each rank holding the partial derivatives through its own sequences: weight W
-        (rpo.distributed.data_parallel_loss_scale).
-        """
-        from rpo.distributed import data_parallel_loss_scale
-
-        world = data_parallel_loss_scale(self.dp_group)
-        separable_weight = rows * world / rows_global
-        if output.global_loss is None:
-            return output.loss * separable_weight
-        return output.global_loss * world + (output.loss - output.global_loss) * separable_weight
+        return data_parallel_objective(output.loss, output.global_loss, rows=rows, rows_global=rows_global,
+                                       world=data_parallel_loss_scale(self.dp_group))
 
     def _router_loss_weight(self):
         """A mixture-of-experts policy's load-balancing loss (rpo.models.moe: transformers' over the micro-batch of
@@ -396,7 +386,7 @@ class Trainer:
             [rows, int(batch["attention_mask"].sum()), chosen_tokens, *self._packed_slots(micro), *cosine_sums],
             self.dp_group)
         metrics = WeightedMean()
-        step_inputs = self._kl_inputs(batch)  # loss keywords of the whole step, the same for every micro-batch
+        step_inputs = self._kl_inputs(batch, self.batcher)  # loss keywords of the step, the same for each micro-batch
         if "chosen_tokens_per_row" in self.loss.requires | self.loss.optional:  # a token mean (sft): the step's
             step_inputs["chosen_tokens_per_row"] = chosen_tokens_global / rows_global
         if self.two_pass:
@@ -482,7 +472,7 @@ class Trainer:
                 batch = self.eval_batcher.batch(0, index)
                 policy, counts = sequence_logps(self.ddp_model, batch, grad=False, packing=self._pack_plan(batch))
                 inputs = {**self._loss_inputs(batch, policy, counts, self._reference(batch, "eval")),
-                          **self._kl_inputs(batch)}
+                          **self._kl_inputs(batch, self.eval_batcher)}
                 output = self.loss(**inputs)
                 metrics.add({"loss": output.loss, **output.metrics},
                             weight=batch["num_chosen"] + batch["num_rejected"])
@@ -640,47 +630,3 @@ def _logged_stage(what: str, show: bool) -> Iterator[None]:
 
 def _cat(tensors: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     return None if any(t is None for t in tensors) else torch.cat(tensors)
-
-
-def build_training_loss(config: TrainConfig, *, paired: bool = True):
-    """The loss of a run: rpo.losses.build_loss with the config's loss options, errors as ConfigError naming --loss.
-
-    Unpaired data (`paired=False`) without --tau: a loss that takes a tau (also a term of a combination) gets
-    tau = UNPAIRED_TAU; other losses are built as for paired data. --global-contrast without
-    --weight-normalization: a loss that takes one gets GLOBAL_CONTRAST_NORMALIZATION (except the authors' form,
-    which is defined on rows that sum to 1).
-    """
-    from rpo.losses import LossConfigError, build_loss
-
-    original = config
-    # The launch's data-parallel size (the loss is built before the process group exists).
-    dp_size = max(1, int(os.environ.get("WORLD_SIZE", "1")) // config.tensor_parallel)
-    try:
-        loss = build_loss(config.loss, **config.loss_build_options(data_parallel_size=dp_size))
-        options = _all_options(loss)
-        if (config.global_contrast and config.weight_normalization is None and config.contrast_form != "authors"
-                and "weight_normalization" in options):
-            config = replace(config, weight_normalization=GLOBAL_CONTRAST_NORMALIZATION)
-        unpaired_tau = not paired and config.tau is None and "tau" in options
-        if config is not original or unpaired_tau:
-            loss = build_loss(config.loss, **config.loss_build_options(paired=not unpaired_tau,
-                                                                       data_parallel_size=dp_size))
-    except LossConfigError as error:
-        raise ConfigError(f"--loss {config.loss}: {error}") from None
-    if loss.uses_kl_pairs and config.precompute_reference:
-        raise ConfigError(f"--precompute-reference: loss {loss.name!r} scores KTO's mismatched (prompt, completion) "
-                          f"pairs of every batch with the live reference model, which --precompute-reference does "
-                          f"not keep; drop --precompute-reference")
-    if config.global_contrast and not loss.is_global:
-        raise ConfigError(f"--global-contrast: loss {loss.name!r} has no global contrast (it does not take a "
-                          f"process group); use a contrast loss such as rpo")
-    return loss
-
-
-def _all_options(loss) -> set:
-    """The option names of a built loss and of each term of a combination (options nested under the term)."""
-    names = set(loss.options)
-    for value in loss.options.values():
-        if isinstance(value, dict):
-            names |= set(value)
-    return names

@@ -131,9 +131,9 @@ LAYOUT_LOSSES = {
     "mean": dict(weighting="embedding", weight_normalization="mean"),
     "reference_columns": dict(weighting="embedding", weight_normalization="reference_columns",
                               normalization_columns=4),
-    "authors_diagonal": dict(weighting="diagonal", form="authors"),
+    "authors_diagonal": dict(weighting="diagonal", form="authors", alpha=0.6),
 }
-LAYOUT_LOSS_OPTIONS = dict(beta=BETA, tau=0.75, margin=0.1, alpha=0.6)
+LAYOUT_LOSS_OPTIONS = dict(beta=BETA, tau=0.75, margin=0.1)
 
 
 def layout_batch(first=0, count=LAYOUT_PAIRS):
@@ -198,9 +198,12 @@ def _global_contrast_case(chosen, rejected, chosen_embeddings, rejected_embeddin
 
 
 def _built_loss_case(chosen, rejected, chosen_embeddings, rejected_embeddings, group, options):
-    """build_loss("rpo", global_contrast=True) with the scores as log-ratios (reference log-probs 0)."""
+    """build_loss("rpo", global_contrast=True) with the scores as log-ratios (reference log-probs 0); α is an
+    option of the diagonal weighting only."""
     from rpo.losses import build_loss
 
+    if options["weighting"] != "diagonal":
+        options = {key: value for key, value in options.items() if key != "alpha"}
     output = build_loss("rpo", global_contrast=True, **options)(
         policy_chosen_logps=chosen, policy_rejected_logps=rejected, reference_chosen_logps=torch.zeros_like(chosen),
         reference_rejected_logps=torch.zeros_like(rejected), chosen_embeddings=chosen_embeddings,

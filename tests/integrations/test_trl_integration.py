@@ -72,7 +72,7 @@ def prompt_embeddings(prompts):
 
 
 def fixed_batch(trainer):
-    """All 8 pairs in data-set order, through the trainer's own collator (with the prompt embeddings)."""
+    """All pairs in data-set order, through the trainer's own collator (with the prompt embeddings)."""
     return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
 
@@ -118,6 +118,57 @@ def test_trl_loss_and_gradients_equal_rpo_losses(tmp_path, spec):
             "mean_token_accuracy", "num_tokens"} <= logged.keys()
     if spec.startswith("rpo"):
         assert {"contrast/effective_beta", "contrast/offdiag_accuracy"} <= logged.keys()
+
+
+# (name, RPOTrainer's loss and options, the same for rpo's trainer): the contrast per batch, the global default (6
+# pairs, so its 8-column scale is not the row normalisation), a combination with a token mean, a loss whose own β
+# default differs from DPOConfig's (which RPOTrainer hands over), and dpo.
+MATCH_PAIRS = 6
+MATCH_CASES = [
+    ("rpo", "rpo", {}, dict(loss="rpo")),
+    ("rpo-global", "rpo", dict(global_contrast=True), dict(loss="rpo", global_contrast=True)),
+    ("rpo-sft-global", "rpo+0.2*sft", dict(global_contrast=True), dict(loss="rpo+0.2*sft", global_contrast=True)),
+    ("simpo-rpo", "simpo-rpo", {}, dict(loss="simpo-rpo", beta=0.1)),  # DPOConfig's beta: 0.1
+    ("dpo", "dpo", {}, dict(loss="dpo")),
+]
+
+
+@pytest.fixture(scope="module")
+def trainer_first_losses(tmp_path_factory):
+    """The first-step losses of rpo's Megatron trainer (one process, one micro-batch) on the same model, reference,
+    rows and options."""
+    import json
+
+    import trainer_match_worker as worker
+
+    workdir = tmp_path_factory.mktemp("trainer_match")
+    worker.write_assets(workdir, MATCH_PAIRS)
+    cases = [{"name": name, "options": options} for name, _, _, options in MATCH_CASES]
+    multirank.launch(Path(worker.__file__), 1, args=[workdir, json.dumps(cases)], log_dir=workdir / "logs",
+                     timeout=600).check()
+    return {name: json.loads((workdir / "results" / f"{name}.json").read_text())["loss"]
+            for name, _, _, _ in MATCH_CASES}
+
+
+@in_trl_environment
+@pytest.mark.parametrize("case", MATCH_CASES, ids=[case[0] for case in MATCH_CASES])
+def test_rpo_trainer_first_step_loss_equals_the_megatron_trainers(tmp_path, trainer_first_losses, case):
+    """RPOTrainer and rpo's trainer build the loss by the same rules (rpo.losses.resolve_loss): on the same rows
+    (conversational, one chat template) and options their first-step losses agree to 1e-5."""
+    from datasets import Dataset
+
+    from rpo.integrations.trl import RPOTrainer
+
+    name, spec, options, _ = case
+    policy, reference = trl_tiny.tiny_llama(0), trl_tiny.tiny_llama(1)
+    trainer = RPOTrainer(policy, ref_model=reference,
+                         args=trl_tiny.dpo_config(tmp_path / "out", per_device_train_batch_size=MATCH_PAIRS),
+                         train_dataset=Dataset.from_list(trl_tiny.conversational_dataset(MATCH_PAIRS)),
+                         processing_class=trl_tiny.chat_tokenizer(), loss=spec, loss_options=options,
+                         embedding_cache_dir=str(tmp_path / "embeddings"))
+    with torch.no_grad():
+        value = trainer.compute_loss(trainer.model, fixed_batch(trainer)).item()
+    assert value == pytest.approx(trainer_first_losses[name], abs=1e-5), name
 
 
 @in_trl_environment

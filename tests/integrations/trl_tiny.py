@@ -8,6 +8,11 @@ import torch
 VOCAB = 64
 PAIRS = 8
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+MAX_POSITIONS = 64
+# A chat template made of the tokenizer's own BOS / EOS (the word-level vocabulary has no room for more): each turn
+# is <s> content </s>. TRL and rpo's tokenisation then agree token for token on conversational rows.
+CHAT_TEMPLATE = ("{% for message in messages %}<s> {{ message['content'] }} </s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s> {% endif %}")
 
 
 def tiny_tokenizer():
@@ -21,12 +26,19 @@ def tiny_tokenizer():
                                    bos_token="<s>", eos_token="</s>")
 
 
+def chat_tokenizer():
+    """`tiny_tokenizer` with CHAT_TEMPLATE."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def tiny_llama(seed: int = 0, dtype=torch.float64):
     """A 2-layer LLaMA (untied head, dropout-free), float64 by default so that comparisons hold to 1e-6."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
                          initializer_range=0.3, tie_word_embeddings=False, pad_token_id=1, bos_token_id=2,
                          eos_token_id=3)
     torch.manual_seed(seed)
@@ -44,6 +56,14 @@ def preference_dataset(pairs: int = PAIRS, seed: int = 0):
             for i in range(pairs)]
     rows[1]["prompt"] = rows[0]["prompt"] + " t5"
     return Dataset.from_list(rows)
+
+
+def conversational_dataset(pairs: int = PAIRS, seed: int = 0) -> list:
+    """`preference_dataset`'s rows as messages: a user prompt, an assistant answer."""
+    return [{"prompt": [{"role": "user", "content": row["prompt"]}],
+             "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+             "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]}
+            for row in preference_dataset(pairs, seed)]
 
 
 def dpo_config(output_dir, **overrides):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import rpo.distributed
 import rpo.ops
 from rpo.losses import (BATCH_KEYWORDS, LossConfigError, LossInputError, LossOutput, available_losses, build_loss,
-                        register_loss)
+                        register_loss, resolve_loss)
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -284,7 +284,7 @@ def test_rpo_value_and_gradient(rows, columns, weighting, normalization, margin,
     batch, beta, tau, alpha = make_batch(rows, columns, seed=7, extreme=extreme), 0.1, 0.5, 0.7
     columns_option = {"normalization_columns": REFERENCE_COLUMNS} if normalization == "reference_columns" else {}
     loss = build_loss("rpo", weighting=weighting, weight_normalization=normalization, margin=margin, tau=tau,
-                      alpha=alpha, **columns_option)
+                      alpha=alpha if weighting == "diagonal" else None, **columns_option)
     output, grads = run(loss, batch)
     weights = dense_weights(rows, columns, weighting, batch["chosen_embeddings"], batch["rejected_embeddings"], tau,
                             alpha, normalization, REFERENCE_COLUMNS)
@@ -372,7 +372,8 @@ def test_authors_form_matches_the_authors_formulas(name, weighting, extreme):
     """form="authors" equals the float64 transcription above (loss and gradients, 1e-10) for every weighting."""
     rows, beta, alpha, tau = 8, (0.1 if name == "rpo" else 2.0), 0.8, 0.5
     batch = make_batch(rows, rows, seed=20, extreme=extreme)
-    output, grads = run(build_loss(name, weighting=weighting, form="authors", alpha=alpha, tau=tau), batch)
+    diagonal_alpha = alpha if weighting == "diagonal" else None  # α is an option of the diagonal weighting only
+    output, grads = run(build_loss(name, weighting=weighting, form="authors", alpha=diagonal_alpha, tau=tau), batch)
     policy = {key: batch[key].detach().clone().requires_grad_(True) for key in LOGPS}
     if name == "rpo":
         chosen = policy["policy_chosen_logps"] - policy["reference_chosen_logps"]
@@ -388,7 +389,7 @@ def test_authors_form_matches_the_authors_formulas(name, weighting, extreme):
     torch.testing.assert_close(output.loss.detach(), expected.detach(), rtol=1e-10, atol=1e-10)
     for key in LOGPS:
         torch.testing.assert_close(grads[key], expected_grads[key], rtol=1e-10, atol=1e-10, msg=key)
-    paper = build_loss(name, weighting=weighting, alpha=alpha, tau=tau)(**batch).loss
+    paper = build_loss(name, weighting=weighting, alpha=diagonal_alpha, tau=tau)(**batch).loss
     if weighting == "diagonal":  # α inside vs outside the sigmoid: a different loss
         assert abs(paper.item() - output.loss.item()) > 1e-3
     else:
@@ -400,10 +401,8 @@ def test_authors_form_and_reference_columns_errors():
         build_loss("rpo", form="authors", weight_normalization="mean")
     with pytest.raises(LossConfigError, match="option form must be one of 'paper', 'authors'"):
         build_loss("rpo", form="mine")
-    with pytest.raises(LossConfigError, match="normalization_columns .* goes with weight_normalization="
-                                              "'reference_columns' and only with it"):
-        build_loss("rpo", weight_normalization="reference_columns")
-    with pytest.raises(LossConfigError, match="only with it; got weight_normalization='row'"):
+    with pytest.raises(LossConfigError, match="normalization_columns .K. goes with weight_normalization="
+                                              "'reference_columns' only; got weight_normalization='row'"):
         build_loss("rpo", normalization_columns=8)
     with pytest.raises(LossConfigError, match="normalization_columns must be >= 1, got 0"):
         build_loss("rpo", weight_normalization="reference_columns", normalization_columns=0)
@@ -411,6 +410,29 @@ def test_authors_form_and_reference_columns_errors():
         build_loss("rpo", weighting="diagonal", form="authors")(**make_batch(3, 5, seed=21))
     with pytest.raises(LossInputError, match="weighting='diagonal' needs at least 2 pairs, got 1"):
         build_loss("rpo", weighting="diagonal", form="authors")(**make_batch(1, 1, seed=21))
+
+
+@pytest.mark.parametrize("name", ["rpo", "simpo-rpo"])
+def test_contrast_defaults_resolved_by_the_loss(name):
+    """The defaults that depend on other options, as `Loss.options` reports them: a local matrix keeps the paper's
+    rows, a global one (and `reference_columns` without K) has K = 8, the authors' per-GPU matrix, whatever else
+    is set; the authors' form keeps rows; α only for the diagonal weighting."""
+    resolved = lambda **options: tuple(build_loss(name, **options).options[key] for key in (  # noqa: E731
+        "weight_normalization", "normalization_columns", "alpha"))
+    assert resolved() == ("row", None, None)
+    assert resolved(global_contrast=True) == ("reference_columns", 8, None)
+    assert resolved(global_contrast=True, weighting="diagonal") == ("reference_columns", 8, 0.8)
+    assert resolved(global_contrast=True, weighting="diagonal", form="authors") == ("row", None, 0.8)
+    assert resolved(weight_normalization="reference_columns") == ("reference_columns", 8, None)
+    assert resolved(global_contrast=True, weight_normalization="mean") == ("mean", None, None)
+    assert resolved(global_contrast=True, normalization_columns=32, weight_normalization="reference_columns") == (
+        "reference_columns", 32, None)
+    # The global default is the 8-column scale: equal (1e-12) to the local loss with K = 8 given explicitly.
+    batch = make_batch(6, 6, seed=3)
+    torch.testing.assert_close(
+        build_loss(name, global_contrast=True)(**batch).loss,  # no process group: the local matrix
+        build_loss(name, weight_normalization="reference_columns", normalization_columns=8)(**batch).loss,
+        rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("weighting", ["embedding", "uniform", "diagonal"])
@@ -466,7 +488,7 @@ def test_simpo_rpo_value_and_gradient(name, rows, columns, weighting, extreme):
     """Built-in simpo-rpo and the user-side plugin examples/simpo_rpo.py: a = log π_w/|y_w|, b = log π_l/|y_l|."""
     batch, beta, gamma = make_batch(rows, columns, seed=11, extreme=extreme), 2.0, 0.5
     loss = build_loss(name, weighting=weighting)
-    assert loss.couples_rows and not loss.needs_reference
+    assert not loss.needs_reference and not loss.needs_pairs
     output, grads = run(loss, batch)
     chosen_len, rejected_len = batch["chosen_lengths"].double(), batch["rejected_lengths"].double()
     weights = dense_weights(rows, columns, weighting, batch["chosen_embeddings"], batch["rejected_embeddings"])
@@ -486,25 +508,32 @@ EMBEDDINGS = {"chosen_embeddings", "rejected_embeddings"}
 LENGTHS = {"chosen_lengths", "rejected_lengths"}
 
 
-@pytest.mark.parametrize("name,options,requires,coupled,reference", [
-    ("dpo", {}, POLICY_REF, False, True),
-    ("ipo", {}, POLICY_REF, False, True),
-    ("ipo", {"length_normalized": True}, POLICY_REF | LENGTHS, False, True),
-    ("simpo", {}, {"policy_chosen_logps", "policy_rejected_logps"} | LENGTHS, False, False),
+@pytest.mark.parametrize("name,options,requires,pairs,reference", [
+    ("dpo", {}, POLICY_REF, True, True),
+    ("ipo", {}, POLICY_REF, True, True),
+    ("ipo", {"length_normalized": True}, POLICY_REF | LENGTHS, True, True),
+    ("simpo", {}, {"policy_chosen_logps", "policy_rejected_logps"} | LENGTHS, True, False),
     ("kto", {}, POLICY_REF, False, True),
     ("sft", {}, {"policy_chosen_logps", "chosen_lengths"}, False, False),
-    ("rpo", {}, POLICY_REF | EMBEDDINGS, True, True),
-    ("rpo", {"weighting": "uniform"}, POLICY_REF, True, True),
-    ("rpo-z", {"weighting": "diagonal"}, POLICY_REF, True, True),
-    ("simpo-rpo", {}, {"policy_chosen_logps", "policy_rejected_logps"} | LENGTHS | EMBEDDINGS, True, False),
-    ("rpo+0.2*sft", {"weighting": "none"}, POLICY_REF | {"chosen_lengths"}, True, True),
-    ("simpo+sft", {}, {"policy_chosen_logps", "policy_rejected_logps"} | LENGTHS, False, False),
+    ("rpo", {}, POLICY_REF | EMBEDDINGS, False, True),
+    ("rpo", {"weighting": "uniform"}, POLICY_REF, False, True),
+    ("rpo", {"weighting": "diagonal"}, POLICY_REF, True, True),
+    ("rpo-z", {"weighting": "uniform"}, POLICY_REF, True, True),
+    ("simpo-rpo", {}, {"policy_chosen_logps", "policy_rejected_logps"} | LENGTHS | EMBEDDINGS, False, False),
+    ("rpo+0.2*sft", {"weighting": "none"}, POLICY_REF | {"chosen_lengths"}, False, True),
+    ("simpo+sft", {}, {"policy_chosen_logps", "policy_rejected_logps"} | LENGTHS, True, False),
 ])
-def test_declared_requirements(name, options, requires, coupled, reference):
+def test_declared_requirements(name, options, requires, pairs, reference):
     loss = build_loss(name, **options)
     assert loss.requires == requires
-    assert loss.couples_rows is coupled
+    assert loss.needs_pairs is pairs
     assert loss.needs_reference is reference
+    if pairs:  # refused for unpaired data, naming the term
+        term = next(term_name for term_name, _, term in loss.terms if term.needs_pairs)
+        with pytest.raises(LossConfigError, match=f"loss '{term}' needs paired data"):
+            resolve_loss(name, options, paired=False)
+    else:
+        assert resolve_loss(name, options, paired=False).name == loss.name
 
 
 def test_global_and_embedding_declarations():
@@ -545,7 +574,8 @@ def test_unknown_name_lists_the_registered_losses():
     ("rpo", {"weight_normalization": "col"}, r"weight_normalization must be one of 'row', 'mean'"),
     ("rpo", {"beta": 0.0}, r"beta must be > 0"),
     ("rpo", {"tau": -1.0}, r"tau must be > 0"),
-    ("rpo", {"alpha": 1.5}, r"alpha must be in \[0.0, 1.0\]"),
+    ("rpo", {"alpha": 1.5, "weighting": "diagonal"}, r"alpha must be in \[0.0, 1.0\]"),
+    ("rpo", {"alpha": 0.5}, r"option alpha applies to weighting='diagonal' only, got weighting='embedding'"),
     ("dpo", {"label_smoothing": 0.5}, r"label_smoothing must be in \[0.0, 0.5\)"),
     ("kto", {"desirable_weight": -1.0}, r"desirable_weight must be >= 0"),
     ("dpo", {"beta": "abc"}, r"option beta expects float, got 'abc'"),
@@ -605,7 +635,7 @@ def test_custom_loss_from_a_module_by_name(monkeypatch):
     batch = make_batch(5, 5, seed=13)
     for spec in ("rpo_test_plugin_losses:hinge_dpo", "rpo_test_plugin_losses:test-hinge-dpo"):
         loss = build_loss(spec, beta=2.0, margin=1.0)
-        assert loss.name == "test-hinge-dpo" and not loss.couples_rows and loss.needs_reference
+        assert loss.name == "test-hinge-dpo" and loss.needs_reference
         output, grads = run(loss, batch)
         assert_matches(output, grads, *hinge_closed_form(batch, 2.0, 1.0))
         assert "hinge/active" in output.metrics
@@ -636,7 +666,7 @@ def test_custom_loss_from_a_plugin_file():
     assert metric(output, "nll/constant") == 1.5  # a Python float metric becomes a float32 0-dim tensor
     # The example plugin registers exactly one loss, so its path alone names it.
     example = build_loss(str(EXAMPLE_PLUGIN))
-    assert example.name == "my-simpo-rpo" and example.couples_rows
+    assert example.name == "my-simpo-rpo" and not example.needs_reference
     with pytest.raises(LossConfigError, match="loss 'my-simpo-rpo': my-simpo-rpo: beta and tau must be > 0"):
         build_loss(f"{EXAMPLE_PLUGIN}:my-simpo-rpo", beta=-1.0)
     with pytest.raises(LossConfigError, match="weighting must be one of 'embedding', 'uniform', 'none'; got 'diag"):
@@ -660,14 +690,14 @@ def test_plugin_file_errors(tmp_path):
 
 
 def test_register_loss_inline_and_conflicts():
-    @register_loss("test-inline-sum", couples_rows=True)
+    @register_loss("test-inline-sum")
     def factory(scale: float = 1.0):
         def loss(*, policy_chosen_logps, chosen_embeddings=None):
             return LossOutput(scale * policy_chosen_logps.sum(), {"count": policy_chosen_logps.numel()})
         return loss
 
     loss = build_loss("test-inline-sum", scale=0.5)
-    assert loss.couples_rows and loss.requires == {"policy_chosen_logps"}
+    assert loss.requires == {"policy_chosen_logps"} and not loss.is_global and not loss.needs_pairs
     assert loss.optional == {"chosen_embeddings"}
     batch = make_batch(3, 3, seed=15)
     assert metric(loss(**batch), "count") == 3.0
@@ -694,7 +724,7 @@ def test_register_loss_inline_and_conflicts():
 def test_combination_string_value_gradient_and_metrics():
     batch, beta = make_batch(5, 5, seed=16), 0.2
     loss = build_loss("rpo+0.2*sft", beta=beta, weighting="uniform")  # beta/weighting go to rpo, the only taker
-    assert loss.name == "rpo+0.2*sft" and loss.couples_rows and loss.needs_reference
+    assert loss.name == "rpo+0.2*sft" and loss.needs_reference and not loss.is_global
     output, grads = run(loss, batch)
     chosen, rejected = ratios(batch)
     rpo_value, d_chosen, d_rejected, _ = contrast_closed_form(chosen, rejected, dense_weights(5, 5, "uniform"), beta)
@@ -720,7 +750,7 @@ def test_combination_list_forms_and_per_term_options():
         ("dpo+5e-1*sft", {"dpo": {"beta": 0.3}}),
     ]:
         loss = build_loss(spec, **options)
-        assert loss.name == "dpo+0.5*sft" and not loss.couples_rows
+        assert loss.name == "dpo+0.5*sft" and loss.needs_pairs
         torch.testing.assert_close(loss(**batch).loss.detach(), dpo_value + 0.5 * sft_value, rtol=RTOL, atol=ATOL)
     single = build_loss("1e-1*sft")
     torch.testing.assert_close(single(**batch).loss.detach(), 0.1 * sft_value, rtol=RTOL, atol=ATOL)
@@ -751,7 +781,8 @@ def test_combination_errors(spec, options, pattern):
 
 def test_global_contrast_passes_the_process_group(monkeypatch, tmp_path):
     """global_contrast=True with a process group takes rpo.distributed's global matrix; without either, the local
-    rpo.ops.contrast_loss. With a 1-process gloo group the global loss equals the local one."""
+    rpo.ops.contrast_loss. With a 1-process gloo group the global loss equals the local one (the same
+    normalisation named: a global matrix's default is another one, see test_contrast_defaults_resolved_by_the_loss)."""
     seen = []
     real_local, real_global = rpo.ops.contrast_loss, rpo.distributed.global_contrast_loss_and_columns
 
@@ -771,9 +802,11 @@ def test_global_contrast_passes_the_process_group(monkeypatch, tmp_path):
         group = dist.new_group([0])
         batch = make_batch(4, 6, seed=19)
         local_output, local_grads = run(build_loss("rpo"), batch)
-        global_output, global_grads = run(build_loss("rpo", global_contrast=True), {**batch, "process_group": group})
+        global_output, global_grads = run(build_loss("rpo", global_contrast=True, weight_normalization="row"),
+                                          {**batch, "process_group": group})
         ignored = build_loss("rpo")(**batch, process_group=group)
-        combined = build_loss("0.5*rpo+0.2*sft", global_contrast=True)(**batch, process_group=group)
+        combined = build_loss("0.5*rpo+0.2*sft", global_contrast=True, weight_normalization="row")(
+            **batch, process_group=group)
     finally:
         dist.destroy_process_group()
     assert seen == ["local", group, "local", group]

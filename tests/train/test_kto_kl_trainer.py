@@ -1,9 +1,10 @@
-"""KTO's KL reference point in the trainer: mismatched pairs of each rank batch, z all-reduced over the DP group.
+"""KTO's KL reference point in the trainer: mismatched pairs over the global batch (each rank scoring its own rows'
+pairs), z all-reduced over the DP group.
 
 The reference model is the tiny LLaMA with seeded noise (tests/train/kto_kl_workers.py), so z > 0. Two launches
 (1 rank; 2 ranks), each with one and two micro-batches per rank; the test recomputes z and the step in float64
-with Hugging Face's LLaMA, pairing the rows as the docstring of rpo.data.kto_pairs says, in the row order each
-rank recorded.
+with Hugging Face's LLaMA, pairing the rows as the docstring of rpo.data.kto_pairs says, over the global batch
+in the order the ranks recorded (every rank's desirable rows, then every rank's undesirable rows).
 """
 from __future__ import annotations
 
@@ -78,9 +79,13 @@ class Float64Kto:
     def step(self, rank_batches):
         """(z, per-rank sums of mismatched log-ratios, loss, {HF name: gradient}) of one step whose rank batches
         are `rank_batches` ([{"row_ids", "num_chosen"}] per rank): KTO over every rank's rows with
-        z = max(0, mean over every rank's pairs), detached."""
-        ratios = [self.mismatched_log_ratios(batch["row_ids"]) for batch in rank_batches]
-        z = max(0.0, torch.cat(ratios).mean().item())
+        z = max(0, mean over the global batch's pairs), detached."""
+        chosen = [(rank, row) for rank, b in enumerate(rank_batches) for row in b["row_ids"][:b["num_chosen"]]]
+        rejected = [(rank, row) for rank, b in enumerate(rank_batches) for row in b["row_ids"][b["num_chosen"]:]]
+        order = chosen + rejected  # the global batch's order
+        every = self.mismatched_log_ratios([row for _, row in order])
+        ratios = [every[[i for i, (rank, _) in enumerate(order) if rank == r]] for r in range(len(rank_batches))]
+        z = max(0.0, every.mean().item())
         terms = []
         for batch in rank_batches:
             for position, row in enumerate(batch["row_ids"]):
@@ -115,7 +120,7 @@ def check_kl_run(workdir: Path, float64: Float64Kto, name: str, world: int) -> f
     assert calls[0]["kl"] == pytest.approx(z, **Z_TOLERANCE), name
     assert {call["kl_pairs"] for call in calls} == {UNPAIRED_ROWS}
     for record, batch, rank_sum in zip(records, rank_batches, rank_sums):
-        for call in record["calls"]:  # each rank paired within its own rank batch
+        for call in record["calls"]:  # each rank scored the pairs of its own rows
             assert call["rank_pairs"] == len(batch["row_ids"])
             assert call["rank_log_ratio_sum"] == pytest.approx(rank_sum, **Z_TOLERANCE), name
     logged = result(workdir, name)[1]["history"][0]
@@ -131,19 +136,21 @@ def test_one_rank_step_with_kl_equals_float64_reference(launches, float64):
     assert z_accum == pytest.approx(z_whole, **Z_TOLERANCE)
 
 
-def test_two_ranks_pair_within_their_batch_and_share_z(launches, float64):
-    """DP=2: each rank pairs its own 6 rows; z is the mean over both ranks' pairs, the same on both ranks."""
+def test_two_ranks_pair_over_the_global_batch_and_share_z(launches, float64):
+    """DP=2: the pairs are those of the global batch, so z is one rank's z of the same 12 rows, on both ranks."""
+    z_one_rank = check_kl_run(launches, float64, "kto-kl-dp1", 1)
     for name in ("kto-kl-dp2", "kto-kl-dp2-accum"):
         z = check_kl_run(launches, float64, name, 2)
-        # Pairing across the global batch instead would give another z: the check above tells them apart.
+        assert z == pytest.approx(z_one_rank, **Z_TOLERANCE)
+        # Pairing within each rank's 6 rows instead would give another z: the checks above tell them apart.
         rank_batches = [record["batches"][0] for record in rank_records(launches, name, 2)]
-        across = float64.mismatched_log_ratios([row for batch in rank_batches for row in batch["row_ids"]])
-        assert abs(max(0.0, across.mean().item()) - z) > 1e-3
+        within = torch.cat([float64.mismatched_log_ratios(batch["row_ids"]) for batch in rank_batches])
+        assert abs(max(0.0, within.mean().item()) - z) > 1e-3
 
 
 def test_kto_kl_refuses_precomputed_reference():
     """KTO's mismatched pairs need the live reference model each step: --precompute-reference is refused."""
-    from rpo.train.trainer import build_training_loss
+    from rpo.train.config import build_training_loss
 
     for paired in (True, False):
         with pytest.raises(ConfigError, match="--precompute-reference"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,19 +154,30 @@ def test_bad_yaml_value_names_the_file(tmp_path, capsys):
     ("rpo+0.2*sft", None, {"paired": 0.5, "unpaired": 0.75}),  # the term that takes a tau
 ])
 def test_unpaired_data_gets_tau_075_unless_given(loss, given_tau, expected):
-    from rpo.train.trainer import build_training_loss
+    from rpo.train.config import build_training_loss
 
     for kind, paired in (("paired", True), ("unpaired", False)):
         built = build_training_loss(TrainConfig(loss=loss, tau=given_tau), paired=paired)
-        options = built.options.get("rpo", built.options)
-        assert options["tau"] == expected[kind], (loss, kind)
+        assert built.option("tau") == expected[kind], (loss, kind)
 
 
 def test_losses_without_tau_are_built_unchanged_for_unpaired_data():
-    from rpo.train.trainer import build_training_loss
+    from rpo.train.config import build_training_loss
 
-    for loss in ("kto", "dpo"):
-        assert "tau" not in build_training_loss(TrainConfig(loss=loss), paired=False).options
+    for loss in ("kto", "kto+0.1*sft"):
+        built = build_training_loss(TrainConfig(loss=loss), paired=False)
+        assert not any("tau" in term.options for _, _, term in built.terms)
+        assert built.describe() == build_training_loss(TrainConfig(loss=loss)).describe()
+
+
+@pytest.mark.parametrize("loss, term", [("dpo", "dpo"), ("rpo+0.5*simpo", "simpo"), ("rpo-z", "rpo-z")])
+def test_a_loss_on_pairs_only_is_refused_for_unpaired_data(loss, term):
+    from rpo.train.config import build_training_loss
+
+    with pytest.raises(ConfigError, match="^" + re.escape(f"--loss {loss}: loss '{term}' needs paired data")):
+        build_training_loss(TrainConfig(loss=loss), paired=False)
+    with pytest.raises(ConfigError, match="^--loss rpo: loss 'rpo' needs paired data"):
+        build_training_loss(TrainConfig(loss="rpo", weighting="diagonal"), paired=False)
 
 
 def test_summary_lists_checkpoints_only_when_written():

@@ -306,7 +306,8 @@ def test_overwrite_replaces_the_previous_run(launches):
     """A dpo run with --overwrite in an rpo run's folder: the rpo checkpoints and final/ are gone, the log says so,
     and the folder holds the dpo run alone."""
     run = launches / "runs" / "overwrite"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "curves.png", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "curves.png", "loss.json", "metrics.jsonl"]
+    assert json.loads((run / "loss.json").read_text())["loss"] == "dpo"
     records = _metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1]
     assert not any(key.startswith("contrast/") for key in records[0])  # dpo's metrics, not rpo's
@@ -314,8 +315,8 @@ def test_overwrite_replaces_the_previous_run(launches):
     _, info = result(launches, "overwrite")
     assert info["summary"]["checkpoints"] is None and info["summary"]["final_model"] is None
     log = (launches / "logs" / "equivalence+unpaired+variants+run3+overwrite-rank0.log").read_text()
-    assert (f"--overwrite: removed the previous run's metrics.jsonl, config.yaml, final/, checkpoints/, curves.png "
-            f"from {run}") in log
+    assert (f"--overwrite: removed the previous run's metrics.jsonl, config.yaml, final/, checkpoints/, loss.json, "
+            f"curves.png from {run}") in log
 
 
 @pytest.mark.slow
@@ -368,7 +369,8 @@ def test_help_lists_every_option(capsys):
     (["--max-prompt-length", "600"], "--max-prompt-length (600) must be smaller than --max-length (512)"),
     (["--micro-batch-size", "128"], "--micro-batch-size (128) is larger than --global-batch-size (64)"),
     (["--eval-split-fraction", "1.0"], "--eval-split-fraction: must be < 1.0"),
-    (["--alpha", "0.5", "--weighting", "embedding"], "--alpha applies to --weighting diagonal only"),
+    (["--alpha", "0.5", "--weighting", "embedding"], "--alpha: loss 'rpo': option alpha applies to weighting="
+                                                     "'diagonal' only"),
     (["--loss-option", "beta=0.2"], "use --beta instead"),
     (["--loss-option", "novalue"], "--loss-option expects KEY=VALUE"),
 ])
@@ -396,38 +398,45 @@ def test_invalid_yaml_names_the_option(tmp_path, content, message):
 
 
 def test_loss_options_reach_only_the_loss_and_are_checked_by_it():
-    from rpo.train.trainer import Trainer
+    from rpo.train.config import build_training_loss
 
-    assert TrainConfig(loss="dpo").loss_build_options() == {}  # the loss's own defaults apply
+    assert TrainConfig(loss="dpo").loss_settings() == {}  # the loss's own defaults apply
     config = TrainConfig(loss="rpo+0.2*sft", beta=0.2, tau=0.75, global_contrast=True,
                          loss_options={"sft": {}})
-    assert config.loss_build_options() == {"beta": 0.2, "tau": 0.75, "global_contrast": True, "sft": {}}
-    loss = Trainer(config)._build_loss()
-    assert loss.couples_rows and loss.is_global
-    with pytest.raises(ConfigError, match="tau"):  # dpo has no tau: an error, not a silent drop
-        Trainer(TrainConfig(loss="dpo", tau=0.5))._build_loss()
+    assert config.loss_settings() == {"beta": 0.2, "tau": 0.75, "global_contrast": True, "sft": {}}
+    loss = build_training_loss(config)
+    assert loss.is_global and (loss.option("beta"), loss.option("tau")) == (0.2, 0.75)
+    with pytest.raises(ConfigError, match="^--tau: loss 'dpo' has no option 'tau'"):  # an error, not a silent drop
+        build_training_loss(TrainConfig(loss="dpo", tau=0.5))
     with pytest.raises(ConfigError, match="global_contrast"):
-        Trainer(TrainConfig(loss="dpo", global_contrast=True))._build_loss()
+        build_training_loss(TrainConfig(loss="dpo", global_contrast=True))
+    with pytest.raises(ConfigError, match="^--beta: loss 'rpo': option beta must be > 0, got -1.0"):
+        build_training_loss(TrainConfig(loss="rpo", beta=-1.0))
+    with pytest.raises(ConfigError, match="^--loss-option length_normalized: loss 'dpo' has no option"):
+        build_training_loss(TrainConfig(loss="dpo", loss_options={"length_normalized": True}))
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--loss", "rpo", "--global-contrast"], ("reference_columns", 32)),  # K = 64 pairs / 2 data-parallel ranks
-    (["--loss", "rpo", "--global-contrast", "--normalization-columns", "8", "--weight-normalization",
-      "reference_columns"], ("reference_columns", 8)),
+    (["--loss", "rpo", "--global-contrast"], ("reference_columns", 8)),  # K = 8 whatever the layout
+    (["--loss", "rpo", "--global-contrast", "--normalization-columns", "32", "--weight-normalization",
+      "reference_columns"], ("reference_columns", 32)),
     (["--loss", "rpo", "--global-contrast", "--weight-normalization", "row"], ("row", None)),
     (["--loss", "rpo", "--global-contrast", "--weighting", "diagonal", "--contrast-form", "authors"], ("row", None)),
     (["--loss", "rpo"], ("row", None)),  # the per-rank matrix keeps the paper's rows
-    (["--loss", "simpo-rpo", "--global-contrast"], ("reference_columns", 32)),
+    (["--loss", "simpo-rpo", "--global-contrast"], ("reference_columns", 8)),
 ])
-def test_global_contrast_default_normalisation(monkeypatch, argv, expected):
-    from rpo.train.trainer import build_training_loss
+@pytest.mark.parametrize("world_size", ["1", "2", "16"])
+def test_global_contrast_default_normalisation(monkeypatch, argv, expected, world_size):
+    """The loss a command line trains with does not depend on the launch (WORLD_SIZE), for a single loss and for
+    the contrast term of a combination."""
+    from rpo.train.config import build_training_loss
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    options = build_training_loss(TrainConfig.from_cli(argv)).options
-    assert (options["weight_normalization"], options["normalization_columns"]) == expected
-    combined = build_training_loss(TrainConfig.from_cli(["--loss", "rpo+0.5*dpo", "--global-contrast"])).options
-    assert (combined["rpo"]["weight_normalization"], combined["rpo"]["normalization_columns"]) == (
-        "reference_columns", 32)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    loss = build_training_loss(TrainConfig.from_cli(argv))
+    assert (loss.option("weight_normalization"), loss.option("normalization_columns")) == expected
+    combined = build_training_loss(TrainConfig.from_cli(["--loss", "rpo+0.5*dpo", "--global-contrast"]))
+    rpo_options = combined.terms[0][2].options
+    assert (rpo_options["weight_normalization"], rpo_options["normalization_columns"]) == ("reference_columns", 8)
 
 
 def test_batch_layout_divides_or_names_the_options():
