@@ -181,10 +181,11 @@ def attach_load_balancing(gpt, num_experts: int, top_k: int, coeff: float) -> Lo
 
 
 def load_balancing(model) -> Optional[LoadBalancing]:
-    """The model's LoadBalancing (through megatron's wrappers), None for a dense model."""
-    from rpo.models.gpt import unwrap
-
-    return getattr(unwrap(model), "rpo_load_balancing", None)
+    """The model's LoadBalancing (through megatron's DDP / Float16Module wrappers), None for a dense model."""
+    inner = model
+    while getattr(inner, "rpo_load_balancing", None) is None and hasattr(inner, "module"):
+        inner = inner.module
+    return getattr(inner, "rpo_load_balancing", None)
 
 
 class _NoRouterLoss:
