@@ -560,15 +560,21 @@ def _prompts_digest(prompts: list) -> str:
     return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def _reference_key(args, settings, prompts, sampling) -> dict:
+    """What decides the reference's samples and scores (the --reference-samples file must match it)."""
+    key = {"reference": str(settings["reference"]), "prompts": _prompts_digest(prompts), "judge": args.judge,
+           "judge_options": {k: v for k, v in args.judge_options.items() if k != "api_key"},
+           "reward_fn": args.reward_fn, "judge_model": args.judge_model, "dtype": args.dtype,
+           **{k: v for k, v in sampling.items() if k not in ("progress", "batch_size")}}
+    return json.loads(json.dumps(key))
+
+
 def _reference_samples(args, settings, reference, tokenizer, prompts, judge, sampling, progress):
     """The reference's samples and scores: from --reference-samples when it matches, else sampled (and written)."""
     from rpo.evaluation.judges import checked_scores
     from rpo.evaluation.sampling import Sample, sample_responses
 
-    key = {"reference": str(settings["reference"]), "prompts": _prompts_digest(prompts), "judge": args.judge,
-           "judge_options": {k: v for k, v in args.judge_options.items() if k != "api_key"},
-           "reward_fn": args.reward_fn, "judge_model": args.judge_model, "dtype": args.dtype,
-           **{k: v for k, v in sampling.items() if k != "progress"}}
+    key = _reference_key(args, settings, prompts, sampling)
     path = Path(args.reference_samples) if args.reference_samples else None
     if path is not None and path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -605,10 +611,17 @@ def evaluate_pointwise(args, settings, policy, reference, tokenizer, prompt_rows
                     progress=progress)
     samples = sample_responses(policy, tokenizer, prompts, **sampling)
     scores = checked_scores(judge, [prompts[s.prompt_index] for s in samples], [s.text for s in samples])
+    same_model = Path(args.model).resolve() == Path(str(settings["reference"])).resolve()
+    if same_model and args.reference_samples and not Path(args.reference_samples).is_file():
+        # The reference evaluated against itself: its samples are the policy's (same seeds, same model).
+        _write_jsonl(args.reference_samples, [{"settings": _reference_key(args, settings, prompts, sampling)}] + [
+            {**s.to_dict(), "score": None if math.isnan(v) else v} for s, v in zip(samples, scores)])
     reference_samples, reference_scores = _reference_samples(args, settings, reference, tokenizer, prompts, judge,
                                                              sampling, progress)
     reference_logps = None
-    if args.kl:
+    if args.kl and same_model:
+        reference_logps = [s.logp for s in samples]  # log pi - log pi_ref = 0 for every sample
+    elif args.kl:
         encoded = encode_prompts(tokenizer, prompts, settings["max_prompt_length"])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         reference_logps = sequence_logprobs(reference, sample_sequences(encoded, samples), pad_id,
