@@ -73,7 +73,7 @@ METHODS: List[Method] = [
            (5e-6, 1e-5, 2e-5), "64x64 global", "2 ranks x 4 x 8 micro-batches, two-pass"),
 ]
 QUICK_METHODS = ("dpo", "rpo-global-8")
-QUICK_LRS = (4e-6, 1e-5)
+QUICK_LRS = (5e-6, 2e-5)
 
 # The budget of each preset: what the pairs, trainings and evaluations cost (see docs/frontier.md for the timing).
 PRESETS: Dict[str, Dict[str, object]] = {
