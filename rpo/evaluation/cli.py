@@ -10,8 +10,10 @@ model (the run's --reference-model, else its --model, else the embedded SmolLM2 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -87,15 +89,38 @@ def build_parser(prog: str = "rpo-eval") -> argparse.ArgumentParser:
     gen.add_argument("--generations-output", metavar="FILE", default=None,
                      help="Write the prompts and answers (and baselines) as JSONL.")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="Tokens generated per answer at most.")
-    gen.add_argument("--temperature", type=float, default=0.0,
-                     help="Sampling temperature; 0 = greedy decoding (the paper's setting).")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="Sampling temperature; 0 = greedy decoding. Default: 0 (the paper's setting), 1 with a "
+                     "pointwise judge (n samples of the policy's own distribution).")
     gen.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (only with --temperature > 0).")
     gen.add_argument("--generation-batch-size", type=int, default=8, help="Prompts per generate call.")
 
-    judge = parser.add_argument_group("pairwise judge")
-    judge.add_argument("--judge", choices=("none", "openai", "local-reward"), default=None,
-                       help="Judge of the generations vs the baseline. Default: openai when --judge-url is given, "
-                       "else none.")
+    judge = parser.add_argument_group("judge")
+    judge.add_argument("--judge", default=None, metavar="NAME",
+                       help="none; openai (an OpenAI-compatible endpoint, --judge-url); local-reward (--reward-fn); "
+                       "or a pointwise judge: vader, hf (--judge-model DIR: a sequence-classification / reward "
+                       "model), python (--reward-fn), a judge a plugin registers, 'file.py:fn' or 'pkg.module:fn' "
+                       "(fn(prompt_text, response) -> float). Default: openai when --judge-url is given, else none.")
+    judge.add_argument("--judge-mode", choices=("pairwise", "pointwise"), default=None,
+                       help="pairwise: the policy's answers against --baseline, win rate. pointwise: "
+                       "--samples-per-prompt samples of the policy and of the reference per prompt, the judge's "
+                       "mean score of each with 95%% intervals, paired by prompt (and --kl). Default: pairwise for "
+                       "openai and local-reward without --kl, else pointwise.")
+    judge.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="An option of the pointwise judge (VALUE parsed as YAML), e.g. label=POSITIVE for hf; "
+                       "repeatable.")
+    judge.add_argument("--samples-per-prompt", type=int, default=4, metavar="N",
+                       help="Pointwise: samples per prompt of the policy (and of the reference).")
+    judge.add_argument("--kl", action="store_true",
+                       help="Pointwise: also the KL estimate from the reference, mean over the policy's samples of "
+                       "sum log pi - log pi_ref (needs --temperature 1 and --top-p 1).")
+    judge.add_argument("--samples-output", metavar="FILE", default=None,
+                       help="Pointwise: write every sample (policy and reference: text, score, ended, log-probs) "
+                       "as JSONL.")
+    judge.add_argument("--reference-samples", metavar="FILE", default=None,
+                       help="Pointwise: the reference's scored samples, read from FILE when it was written with the "
+                       "same reference, prompts and settings, else computed and written there (several policies "
+                       "against one reference sample it once).")
     judge.add_argument("--baseline", choices=("chosen", "reference"), default="chosen",
                        help="What the policy's answers are compared against: the prompt file's baseline answers "
                        "(--baseline-field; the paper compares with the test set's chosen answers) or the reference "
@@ -103,7 +128,8 @@ def build_parser(prog: str = "rpo-eval") -> argparse.ArgumentParser:
     judge.add_argument("--judge-url", default=None,
                        help="OpenAI-compatible server: base URL (http://host:8000/v1) or the full "
                        "/v1/chat/completions URL.")
-    judge.add_argument("--judge-model", default=None, help="Model name sent to the judge endpoint.")
+    judge.add_argument("--judge-model", default=None,
+                       help="Model name sent to the judge endpoint; with --judge hf the model folder.")
     judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                        help="Environment variable holding the endpoint's API key (sent as a Bearer token if set).")
     judge.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per judge request.")
@@ -111,8 +137,8 @@ def build_parser(prog: str = "rpo-eval") -> argparse.ArgumentParser:
     judge.add_argument("--judge-task", choices=("dialogue", "summarization"), default="dialogue",
                        help="Which of the paper's judge prompts to use.")
     judge.add_argument("--reward-fn", default=None, metavar="MODULE:FN",
-                       help="With --judge local-reward: 'pkg.module:fn' or 'file.py:fn', fn(prompt_text, response) "
-                       "-> float; the higher reward wins, equal rewards tie.")
+                       help="With --judge local-reward or python: 'pkg.module:fn' or 'file.py:fn', "
+                       "fn(prompt_text, response) -> float; pairwise, the higher reward wins, equal rewards tie.")
     judge.add_argument("--judgements-output", metavar="FILE", default=None,
                        help="Write every judgement (order shown, verdict, outcome, judge text) as JSONL.")
     judge.add_argument("--seed", type=int, default=0, help="Seed of the A/B order draws and of sampling.")
@@ -139,7 +165,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         positive(name.replace("_", "-"), getattr(args, name), allow_none=False)
     if args.beta is not None and not args.beta > 0:
         parser.error(f"--beta must be > 0, got {args.beta}")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -149,6 +175,25 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--judge-retries must be >= 0, got {args.judge_retries}")
     if args.judge is None:
         args.judge = "openai" if args.judge_url else "none"
+    if args.samples_per_prompt < 1:
+        parser.error(f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+    if args.judge_mode is None:
+        args.judge_mode = "pairwise" if args.judge in ("openai", "local-reward") and not args.kl else "pointwise"
+    if args.judge != "none" and args.judge_mode == "pointwise":
+        args.baseline = "reference"  # the paired comparison is with the reference's own samples
+    if args.judge == "none" and args.kl:
+        parser.error("--kl needs a pointwise judge (--judge NAME)")
+    if args.judge_mode == "pairwise" and args.kl:
+        parser.error("--kl is measured in --judge-mode pointwise")
+    if args.temperature is None:
+        args.temperature = 1.0 if args.judge != "none" and args.judge_mode == "pointwise" else 0.0
+    if args.kl and (args.temperature != 1.0 or args.top_p != 1.0):
+        parser.error(f"--kl estimates KL(policy || reference) from the policy's own samples: it needs --temperature 1 "
+                     f"and --top-p 1 (got {args.temperature:g}, {args.top_p:g})")
+    try:
+        args.judge_options = parse_judge_options(args.judge_option)
+    except ValueError as err:
+        parser.error(str(err))
     if args.judge == "openai":
         if not args.judge_url:
             parser.error("--judge openai needs --judge-url (an OpenAI-compatible endpoint)")
@@ -156,16 +201,32 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--judge-url needs --judge-model (the model name the endpoint serves)")
         if not args.judge_url.startswith(("http://", "https://")):
             parser.error(f"--judge-url must start with http:// or https://, got {args.judge_url!r}")
-    if args.judge == "local-reward" and not args.reward_fn:
-        parser.error("--judge local-reward needs --reward-fn MODULE:FN (or file.py:FN)")
-    if args.reward_fn and args.judge != "local-reward":
-        parser.error("--reward-fn is used only with --judge local-reward")
+    if args.judge in ("local-reward", "python") and not args.reward_fn:
+        parser.error(f"--judge {args.judge} needs --reward-fn MODULE:FN (or file.py:FN)")
+    if args.reward_fn and args.judge not in ("local-reward", "python"):
+        parser.error("--reward-fn is used only with --judge local-reward or python")
+    if args.judge == "hf" and not (args.judge_model or "model" in args.judge_options):
+        parser.error("--judge hf needs --judge-model DIR (a sequence-classification or reward model folder)")
     if args.judge_url and args.judge != "openai":
         parser.error(f"--judge-url is used only with --judge openai (got --judge {args.judge})")
     if args.dataset is not None and args.run_held_out:
         parser.error("--run-held-out takes the data from the run's config.yaml; do not also give --dataset")
     if args.dataset is None and args.prompts is None and not args.run_held_out:
         parser.error("nothing to evaluate: give --dataset (implicit-reward metrics) and/or --prompts (generation)")
+
+
+def parse_judge_options(items: list[str]) -> dict[str, Any]:
+    """--judge-option KEY=VALUE items as a dict (VALUE parsed as YAML: numbers, booleans, strings)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--judge-option must look like KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"--judge-option {item!r}: VALUE is not valid YAML: {err}") from None
+    return options
 
 
 # --- the run's config.yaml ---------------------------------------------------------------------------------------
@@ -352,9 +413,35 @@ def _build_judge(args: argparse.Namespace):
                                      api_key=os.environ.get(args.judge_api_key_env) or None,
                                      timeout=args.judge_timeout, retries=args.judge_retries)
     try:
-        return LocalRewardJudge(load_reward_function(args.reward_fn))
+        if args.judge == "local-reward":
+            return LocalRewardJudge(load_reward_function(args.reward_fn))
+        pointwise = build_pointwise_judge(args)
     except ValueError as err:
         raise EvaluationError(str(err)) from err
+    # A pointwise judge in pairwise mode: the higher score wins, equal scores tie.
+    return LocalRewardJudge(lambda query, response: pointwise.score([query], [response])[0])
+
+
+def build_pointwise_judge(args: argparse.Namespace):
+    """The pointwise judge --judge names, with the options its flags and --judge-option give."""
+    from rpo.evaluation.judges import build_judge
+
+    options = dict(args.judge_options)
+    name = args.judge
+    if name in ("local-reward", "python"):
+        name, options["fn"] = "python", args.reward_fn
+    elif name == "openai":
+        options.setdefault("url", args.judge_url)
+        options.setdefault("model", args.judge_model)
+        options.setdefault("api_key", os.environ.get(args.judge_api_key_env) or None)
+        options.setdefault("timeout", args.judge_timeout)
+        options.setdefault("retries", args.judge_retries)
+    elif name == "hf" and args.judge_model:
+        options.setdefault("model", args.judge_model)
+    try:
+        return build_judge(name, **options)
+    except ValueError as err:
+        raise EvaluationError(f"--judge {args.judge}: {err}") from err
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -442,6 +529,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("--max-prompts %d: answering %d of %d prompts", args.max_prompts, args.max_prompts,
                         len(prompt_rows))
             prompt_rows = prompt_rows[: args.max_prompts]
+        if args.judge != "none" and args.judge_mode == "pointwise":
+            result.update(evaluate_pointwise(args, settings, policy, get_reference(), tokenizer, prompt_rows,
+                                             str(args.prompts or dataset_name), progress))
+            return result
         generation_options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   max_prompt_length=settings["max_prompt_length"],
                                   batch_size=args.generation_batch_size, seed=args.seed, progress=progress)
@@ -481,6 +572,101 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _prompts_digest(prompts: list) -> str:
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _reference_key(args, settings, prompts, sampling) -> dict:
+    """What decides the reference's samples and scores (the --reference-samples file must match it)."""
+    key = {"reference": str(settings["reference"]), "prompts": _prompts_digest(prompts), "judge": args.judge,
+           "judge_options": {k: v for k, v in args.judge_options.items() if k != "api_key"},
+           "reward_fn": args.reward_fn, "judge_model": args.judge_model, "dtype": args.dtype,
+           **{k: v for k, v in sampling.items() if k not in ("progress", "batch_size")}}
+    return json.loads(json.dumps(key))
+
+
+def _reference_samples(args, settings, reference, tokenizer, prompts, judge, sampling, progress):
+    """The reference's samples and scores: from --reference-samples when it matches, else sampled (and written)."""
+    from rpo.evaluation.judges import checked_scores
+    from rpo.evaluation.sampling import Sample, sample_responses
+
+    key = _reference_key(args, settings, prompts, sampling)
+    path = Path(args.reference_samples) if args.reference_samples else None
+    if path is not None and path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        header = json.loads(lines[0]) if lines else {}
+        if header.get("settings") == json.loads(json.dumps(key)):
+            rows = [json.loads(line) for line in lines[1:]]
+            logger.info("--reference-samples: %d reference samples read from %s", len(rows), path)
+            scores = [float("nan") if r["score"] is None else r["score"] for r in rows]
+            return [Sample(**{k: r[k] for k in Sample.__dataclass_fields__}) for r in rows], scores
+        changed = sorted(k for k in key if header.get("settings", {}).get(k) != json.loads(json.dumps(key))[k])
+        logger.info("--reference-samples %s was written with other settings (%s): sampling the reference again",
+                    path, ", ".join(changed))
+    samples = sample_responses(reference, tokenizer, prompts, **sampling)
+    scores = checked_scores(judge, [prompts[s.prompt_index] for s in samples], [s.text for s in samples])
+    if path is not None:
+        rows = [{**s.to_dict(), "score": None if math.isnan(v) else v} for s, v in zip(samples, scores)]
+        _write_jsonl(str(path), [{"settings": key}] + rows)
+    return samples, scores
+
+
+def evaluate_pointwise(args, settings, policy, reference, tokenizer, prompt_rows, prompts_name: str,
+                       progress: bool) -> dict[str, Any]:
+    """--judge-mode pointwise: the frontier point of the policy (rpo.evaluation.frontier)."""
+    from rpo.evaluation.frontier import frontier_point
+    from rpo.evaluation.implicit_reward import sequence_logprobs
+    from rpo.evaluation.judges import checked_scores
+    from rpo.evaluation.sampling import encode_prompts, sample_responses, sample_sequences
+
+    judge = build_pointwise_judge(args)
+    prompts = [row.prompt for row in prompt_rows]
+    sampling = dict(samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    max_prompt_length=settings["max_prompt_length"], batch_size=args.generation_batch_size,
+                    progress=progress)
+    samples = sample_responses(policy, tokenizer, prompts, **sampling)
+    scores = checked_scores(judge, [prompts[s.prompt_index] for s in samples], [s.text for s in samples])
+    same_model = Path(args.model).resolve() == Path(str(settings["reference"])).resolve()
+    if same_model and args.reference_samples and not Path(args.reference_samples).is_file():
+        # The reference evaluated against itself: its samples are the policy's (same seeds, same model).
+        _write_jsonl(args.reference_samples, [{"settings": _reference_key(args, settings, prompts, sampling)}] + [
+            {**s.to_dict(), "score": None if math.isnan(v) else v} for s, v in zip(samples, scores)])
+    reference_samples, reference_scores = _reference_samples(args, settings, reference, tokenizer, prompts, judge,
+                                                             sampling, progress)
+    reference_logps = None
+    if args.kl and same_model:
+        reference_logps = [s.logp for s in samples]  # log pi - log pi_ref = 0 for every sample
+    elif args.kl:
+        encoded = encode_prompts(tokenizer, prompts, settings["max_prompt_length"])
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        reference_logps = sequence_logprobs(reference, sample_sequences(encoded, samples), pad_id,
+                                            args.batch_size, "reference log-probs" if progress else None)[0].tolist()
+    point = frontier_point(len(prompts), samples, scores, reference_samples, reference_scores, reference_logps)
+    if args.samples_output:
+        rows = []
+        for model_name, group, group_scores in (("policy", samples, scores),
+                                                ("reference", reference_samples, reference_scores)):
+            for index, (sample, score) in enumerate(zip(group, group_scores)):
+                row = {"model": model_name, "source_row": prompt_rows[sample.prompt_index].source_row,
+                       **sample.to_dict(), "score": None if math.isnan(score) else score}
+                if model_name == "policy" and reference_logps is not None:
+                    row["reference_logp"] = reference_logps[index]
+                rows.append(row)
+        _write_jsonl(args.samples_output, rows)
+    point["judge"] = {"name": args.judge, "options": {k: v for k, v in args.judge_options.items() if k != "api_key"},
+                      "reward_fn": args.reward_fn, "model": args.judge_model}
+    point["sampling"] = {"prompts": prompts_name, "max_new_tokens": args.max_new_tokens,
+                         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+                         "samples_output": args.samples_output, "reference_samples": args.reference_samples}
+    out: dict[str, Any] = {"pointwise": point, "judge_score": point["score"]["mean"],
+                           "judge_score_ci": [point["score"]["ci_low"], point["score"]["ci_high"]]}
+    if "kl" in point:
+        out["kl"] = point["kl"]["mean"]
+        out["kl_ci"] = [point["kl"]["ci_low"], point["kl"]["ci_high"]]
+    return out
+
+
 def format_summary(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']}  reference {result.get('reference')}"]
     if "reward_accuracy" in result:
@@ -496,6 +682,17 @@ def format_summary(result: dict[str, Any]) -> str:
             f"{judge['win_rate']:.3f}, 95% Wilson CI [{judge['ci_low']:.3f}, {judge['ci_high']:.3f}]")
     elif "generation" in result:
         lines.append(f"generated {result['generation']['n']} answers")
+    if "pointwise" in result:
+        from rpo.evaluation.frontier import format_interval
+
+        point = result["pointwise"]
+        text = (f"judge {point['judge']['name']} on {point['prompts']} prompts x {point['samples_per_prompt']:g} "
+                f"samples: policy {format_interval(point['score'])}, reference "
+                f"{format_interval(point.get('reference_score'))}, difference (paired by prompt) "
+                f"{format_interval(point.get('difference'))}")
+        if "kl" in point:
+            text += f"; KL {format_interval(point['kl'])} nats"
+        lines.append(text + f"; {point['cut_off']} of {point['samples']} samples cut off (95% t intervals)")
     return "\n".join(lines)
 
 

@@ -193,10 +193,11 @@ class OpenAICompatibleJudge:
                 raise JudgeError(f"judge endpoint {self.endpoint} returned non-JSON: {raw[:300]!r}") from err
         raise AssertionError("unreachable")
 
-    def __call__(self, query: str, response_a: str, response_b: str) -> Judgement:
+    def complete(self, content: str) -> str:
+        """The endpoint's answer (temperature 0) to one user message; also used by the pointwise judge."""
         payload = {
             "model": self.model,
-            "messages": [{"role": "user", "content": build_judge_prompt(self.task, query, response_a, response_b)}],
+            "messages": [{"role": "user", "content": content}],
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }
@@ -207,7 +208,10 @@ class OpenAICompatibleJudge:
             raise JudgeError(
                 f"judge endpoint {self.endpoint} answered without choices[0].message.content: {str(answer)[:300]}"
             ) from err
-        text = text or ""
+        return text or ""
+
+    def __call__(self, query: str, response_a: str, response_b: str) -> Judgement:
+        text = self.complete(build_judge_prompt(self.task, query, response_a, response_b))
         return Judgement(verdict=parse_verdict(text), raw=text)
 
 
