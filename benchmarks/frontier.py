@@ -15,9 +15,9 @@ sentiment (-1..1), scores what the policy writes for opinion and review prompts 
 
 Methods: dpo; simpo; rpo local (each micro-batch's 4x4 matrix, the authors' per-GPU form); rpo --global-contrast
 over 8 columns (2 ranks x 4) and over 64 columns (2 ranks x 4 x 8 micro-batches, the two-pass global matrix).
-The contrast options are explicit (the trainer's --global-contrast defaults may change): every rpo variant uses
---weight-normalization reference_columns with K = 4 (row for the local 4x4, the same thing), so one beta means
-the per-GPU 4x4 matrix's effective beta at every matrix size. Each method traces its frontier over the learning
+The contrast options are explicit, so a row keeps its meaning if a default changes: the global variants name
+--global-contrast's default, --weight-normalization reference_columns with K = 8 (every pair weighs what it weighs
+in the authors' 8-column per-GPU matrix; at 8 columns the same as row), the local 4x4 the paper's row. Each method traces its frontier over the learning
 rate (with RMSprop's normalised steps, beta hardly moves the policy at this budget; the lr does).
 
     python benchmarks/frontier.py                 # the full run, about 2 hours on 2 cores
@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "benchmarks" / "data" / "sentiment_prompts.jsonl"
 sys.path.insert(0, str(REPO))
 
-# rpo variants: the per-GPU 4x4 matrix's effective beta at every size (see the module docstring).
-REFERENCE_K4 = ("--weight-normalization", "reference_columns", "--normalization-columns", "4")
+# The global rpo variants: --global-contrast's default normalisation, named (see the module docstring).
+GLOBAL_DEFAULT = ("--weight-normalization", "reference_columns", "--normalization-columns", "8")
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,12 @@ METHODS: List[Method] = [
     Method("simpo", ["--loss", "simpo"], 8, (1e-6, 2e-6, 4e-6), "diagonal", "beta 2, no reference"),
     Method("rpo-local", ["--loss", "rpo", "--beta", "0.1", "--weight-normalization", "row"], 8,
            (1e-6, 2e-6, 4e-6), "4x4 per micro-batch", "the authors' per-GPU matrix"),
-    Method("rpo-global-8", ["--loss", "rpo", "--beta", "0.1", "--global-contrast", *REFERENCE_K4], 8,
+    Method("rpo-global-8", ["--loss", "rpo", "--beta", "0.1", "--global-contrast", *GLOBAL_DEFAULT], 8,
            (1e-6, 2e-6, 4e-6), "8x8 global", "2 ranks x 4"),
     # The learning rates put the batch-8 methods' KL at about 1-10 nats after 24 steps (measured with --quick: 3
     # steps of dpo at 5e-6 -> KL 1.0, at 2e-5 -> 10; RMSprop's first steps are the largest). 64 pairs a step: 8x
     # fewer steps for the same pairs seen, so its sweep sits at larger learning rates.
-    Method("rpo-global-64", ["--loss", "rpo", "--beta", "0.1", "--global-contrast", *REFERENCE_K4], 64,
+    Method("rpo-global-64", ["--loss", "rpo", "--beta", "0.1", "--global-contrast", *GLOBAL_DEFAULT], 64,
            (5e-6, 1e-5, 2e-5), "64x64 global", "2 ranks x 4 x 8 micro-batches, two-pass"),
 ]
 QUICK_METHODS = ("dpo", "rpo-global-8")
