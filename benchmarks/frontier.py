@@ -77,7 +77,7 @@ QUICK_LRS = (5e-6, 2e-5)
 
 # The budget of each preset: what the pairs, trainings and evaluations cost (see docs/frontier.md for the timing).
 PRESETS: Dict[str, Dict[str, object]] = {
-    "full": dict(train_prompts=None, samples_per_prompt=6, pairs_per_run=192, eval_prompts=None, eval_samples=2,
+    "full": dict(train_prompts=None, samples_per_prompt=7, pairs_per_run=192, eval_prompts=None, eval_samples=2,
                  max_new_tokens=48, nproc=2, parallel=1, lr_scale=1.0),
     "quick": dict(train_prompts=32, samples_per_prompt=4, pairs_per_run=24, eval_prompts=24, eval_samples=2,
                   max_new_tokens=48, nproc=2, parallel=1, lr_scale=1.0),
