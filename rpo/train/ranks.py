@@ -162,12 +162,18 @@ def _store_clone():
 
 
 class FailureWatch:
-    """Shares the first fatal failure of any rank of a run with all the others (see the module docstring)."""
+    """Shares the first fatal failure of any rank of a run with all the others (see the module docstring).
+
+    The store may live in rank 0's process (a plain launch; torchrun keeps it in its agent): rank 0 leaves last,
+    so that no rank talks to a store that is gone. The failing rank waits for every other rank's acknowledgement,
+    then marks the failure done; rank 0, when it is not the failing rank, waits for that mark before it exits.
+    """
 
     def __init__(self, generation: int):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.key = f"rpo/failures/{generation}"
         self.ack_key = f"rpo/failures/{generation}/acks"
+        self.done_key = f"rpo/failures/{generation}/done"
         self._main_store = _store_clone()
         self._thread_store = _store_clone()
         self._stop = threading.Event()
@@ -183,23 +189,27 @@ class FailureWatch:
         """Publish this rank's failure unless another rank's came first; wait until every rank has seen the first
         one. Returns (rank, exit code, line) of the first failure."""
         self._handled_by_main.set()
+        self.close()  # this rank's watchdog makes no store call from here on
         first = (self.rank, code, line)
         if self._main_store is None:
             return first
+        store = self._main_store
         with self._lock:
             payload = json.dumps({"rank": self.rank, "code": code, "line": line})
             try:
-                current = self._main_store.compare_set(self.key, "", payload)
+                current = store.compare_set(self.key, "", payload)
                 current = current.decode() if isinstance(current, bytes) else current
                 if current != payload:  # another rank failed first: acknowledge it
                     info = json.loads(current)
                     first = (info["rank"], info["code"], info["line"])
-                    self._main_store.add(self.ack_key, 1)
+                    store.add(self.ack_key, 1)
+                    if self.rank == 0:
+                        self._wait_until_done(store)
                 else:
                     self._wait_for_acks()
-            except Exception as error:  # noqa: BLE001 - the store went away (rank 0 exited): nothing to wait for
+                    store.set(self.done_key, "1")
+            except Exception as error:  # noqa: BLE001 - the store went away: nothing left to wait for
                 logger.debug("failure watch: store unavailable (%s)", error)
-        self.close()
         return first
 
     def _wait_for_acks(self) -> None:
@@ -207,6 +217,12 @@ class FailureWatch:
         while time.monotonic() < deadline:
             if self._main_store.add(self.ack_key, 0) >= self.world - 1:
                 return
+            time.sleep(POLL_S / 2)
+
+    def _wait_until_done(self, store) -> None:
+        """Rank 0 (whose process may hold the store): until the failing rank has read its acknowledgements."""
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while time.monotonic() < deadline and not store.check([self.done_key]):
             time.sleep(POLL_S / 2)
 
     # --- the other ranks (watchdog thread) ----------------------------------------------------------------
@@ -226,13 +242,17 @@ class FailureWatch:
                 store.add(self.ack_key, 1)
                 if self.rank == 0:
                     print(f"{_program}: {info['line']}", file=sys.stderr, flush=True)
+                    self._wait_until_done(store)
                 sys.stdout.flush()  # log handlers flush each record; no logging.shutdown(): it takes their locks
                 os._exit(int(info["code"]))
-        except Exception as error:  # noqa: BLE001 - the store went away (a normal end): stop watching
+        except Exception as error:  # noqa: BLE001 - the store went away: stop watching
             logger.debug("failure watch stopped: %s", error)
 
     def close(self) -> None:
+        """Stop watching; returns once the watchdog makes no more store calls."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=POLL_S + 5.0)
 
 
 def start_failure_watch() -> Optional[FailureWatch]:

@@ -613,6 +613,7 @@ class Trainer:
             "final_model": str(final_dir) if final_dir else None,
         }
         self._notify("on_fit_end", summary)
+        ranks.stop_failure_watch()  # before the last barrier: no rank polls the store after rank 0 has left
         ranks.barrier()
         return summary
 

@@ -75,6 +75,14 @@ def assert_same_weights(ours: dict, theirs: dict) -> None:
         assert torch.equal(ours[name], theirs[name]), name
 
 
+STORE_NOISE = ("Connection closed", "TCPStore", "frame #")  # a rank that talked to a peer or a store that was gone
+
+
+def quiet(log: str, tracebacks: int = 0) -> bool:
+    """No rank noise in a log: no traceback (beyond `tracebacks`), no lost connection, no store warning."""
+    return log.count("Traceback") == tracebacks and not any(noise in log for noise in STORE_NOISE)
+
+
 def one_line(seen: list, code: int) -> str:
     """Both ranks exited `code`; rank 0 printed exactly one line of the command and rank 1 none; returns it."""
     assert [c for c, _ in seen] == [code, code], seen

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_same_steps, assert_same_weights, history, metrics, one_line, outcome, weights
+from conftest import assert_same_steps, assert_same_weights, history, metrics, one_line, outcome, quiet, weights
 
 LR_1E9 = {"adamw": "a log-prob is not finite", "rmsprop": "a log-prob is not finite",
           "sgd": "the gradient norm is 0 while the loss is"}
@@ -68,8 +68,7 @@ def test_poisoned_weights_stop_the_run_keep_the_good_checkpoint_and_resume_exact
 
 def test_no_traceback_in_any_case(cases):
     for rank in range(2):
-        log = (cases / "logs" / f"cases-rank{rank}.log").read_text()
-        assert "Traceback" not in log and "Connection closed" not in log
+        assert quiet((cases / "logs" / f"cases-rank{rank}.log").read_text())
 
 
 # ================================================================================================ units ===

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import one_line, outcome
+from conftest import one_line, outcome, quiet
 from rpo.data import BadRowError, load_preference_dataset
 from rpo.train import ConfigError, TrainConfig
 
@@ -96,7 +96,7 @@ def test_disk_full_on_rank_0_only_ends_both_ranks_with_one_line_exit_4(real_runs
     lines = _lines(result)
     assert len(lines) == 1 and lines[0][0] == 0, result.report()
     assert lines[0][1].startswith("train.py: error: could not write: [Errno 28] No space left on device"), lines
-    assert not any("Traceback" in log or "Connection closed" in log for log in result.logs), result.report()
+    assert all(quiet(log) for log in result.logs), result.report()
 
 
 def test_a_bug_on_one_rank_is_one_traceback_and_one_line(real_runs):
@@ -107,6 +107,5 @@ def test_a_bug_on_one_rank_is_one_traceback_and_one_line(real_runs):
     lines = _lines(result)
     assert lines == [(0, "train.py: error: rank 1 failed: RuntimeError: injected bug after step 2 (traceback in "
                          "its log; please report it)")], result.report()
-    assert result.logs[1].count("Traceback") == 1 and "RuntimeError: injected bug after step 2" in result.logs[1]
-    assert "Traceback" not in result.logs[0]
-    assert not any("Connection closed" in log for log in result.logs), result.report()
+    assert "RuntimeError: injected bug after step 2" in result.logs[1]
+    assert quiet(result.logs[0]) and quiet(result.logs[1], tracebacks=1), result.report()
