@@ -427,7 +427,18 @@ class _SourcePart:
 def _read_json_file(path: Path) -> _SourcePart:
     """Parse a JSON Lines file (or a JSON array) ourselves: row-level errors need the raw rows and line numbers,
     which Arrow's JSON reader (used by `datasets`) does not give for mixed-type or malformed rows."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        lines: list[str | _RowProblem] = text.splitlines()
+    except UnicodeDecodeError as error:
+        if raw.lstrip().startswith(b"["):  # one JSON value: nothing to skip, the file must be fixed
+            raise ValueError(f"{path}: {_undecodable(raw, error)}; save the file as UTF-8") from None
+        text = ""
+        # JSON Lines: decode line by line, so that only the lines with undecodable bytes are bad rows.
+        lines = [_decode_line(line) for line in raw.split(b"\n")]
+        if lines and lines[-1] == "":
+            lines.pop()
     rows: list[tuple[int, int | None, Any]] = []
     if text.lstrip().startswith("["):
         try:
@@ -436,7 +447,10 @@ def _read_json_file(path: Path) -> _SourcePart:
             raise ValueError(f"{path}: not valid JSON ({error})") from error
         rows = [(i, None, value) for i, value in enumerate(values)]
     else:
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        for line_number, line in enumerate(lines, start=1):
+            if isinstance(line, _RowProblem):
+                rows.append((len(rows), line_number, line))
+                continue
             if not line.strip():
                 continue  # blank lines separate nothing in JSON Lines; they are not rows
             try:
@@ -453,6 +467,33 @@ def _read_json_file(path: Path) -> _SourcePart:
     # A column is what most rows have: a few bad rows that miss a key must not change the detected layout.
     columns = {key for key, count in key_counts.items() if 2 * count >= len(rows)}
     return _SourcePart(str(path), columns, rows)
+
+
+def _undecodable(raw: bytes, error: UnicodeDecodeError) -> str:
+    """Where undecodable bytes are: 'line L, column C: not UTF-8 text (byte 0xNN)'."""
+    line = raw.count(b"\n", 0, error.start) + 1
+    column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+    return f"line {line}, column {column}: not UTF-8 text (byte 0x{raw[error.start]:02x})"
+
+
+def _decode_line(line: bytes) -> str | _RowProblem:
+    line = line[:-1] if line.endswith(b"\r") else line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return _RowProblem("<row>", UNPARSEABLE_JSON, f"not UTF-8 text: byte 0x{line[error.start]:02x} at column "
+                                                      f"{error.start + 1}")
+
+
+def _refuse_undecodable_text(path: Path) -> None:
+    """A CSV file with bytes that are not UTF-8: one error naming the line (its rows cannot be skipped: a quoted
+    field may span lines)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: {_undecodable(raw, error)}; save the file as UTF-8 (rows of a CSV file cannot be "
+                         f"skipped)") from None
 
 
 def _arrow_part(dataset: datasets.Dataset, name: str) -> _SourcePart:
@@ -474,6 +515,7 @@ def _refuse_empty_file(path: Path) -> None:
         if metadata.num_rows == 0:
             raise EmptyDataError(path, f"0 rows; columns {metadata.schema.names}")
     if path.suffix == ".csv":
+        _refuse_undecodable_text(path)
         with open(path, encoding="utf-8", errors="replace") as handle:
             lines = list(itertools.islice((line for line in handle if line.strip()), 2))
         if len(lines) < 2:

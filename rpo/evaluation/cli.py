@@ -377,7 +377,32 @@ def load_model(name: str, device, dtype, trust_remote_code: bool):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise EvaluationError(f"cannot load model {name!r}: {err}") from err
+    check_finite_weights(model, name)
     return model.to(device).eval()
+
+
+def check_finite_weights(model, name: str) -> None:
+    """A model with NaN or infinite weights (e.g. exported from a diverged run) has no meaningful metrics."""
+    import torch
+
+    bad = [(param_name, int((~torch.isfinite(param)).sum())) for param_name, param in model.named_parameters()
+           if not torch.isfinite(param).all()]
+    if bad:
+        total = sum(count for _, count in bad)
+        raise EvaluationError(f"model {name!r} has {total} non-finite weights (first in {bad[0][0]}), e.g. from a "
+                              f"diverged run: it cannot be evaluated")
+
+
+def check_finite_outputs(records: list[dict], model: str, reference: str | None) -> None:
+    """Per-row log-probs must be finite: a NaN / infinite one would make accuracy and margin meaningless."""
+    import math
+
+    for record in records:
+        for key, value in record.items():
+            if key.startswith(("policy_logp_", "reference_logp_")) and not math.isfinite(value):
+                which = f"--model {model}" if key.startswith("policy") else f"the reference {reference}"
+                raise EvaluationError(f"{which} gives a non-finite log-prob ({value}) for {key.split('_logp_')[1]} "
+                                      f"of source row {record['source_row']}: its outputs cannot be evaluated")
 
 
 def load_tokenizer(candidates: list[str], trust_remote_code: bool):
@@ -505,6 +530,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             policy, get_reference() if settings["reward_type"] == "dpo" else None, tokenized,
             beta=settings["beta"], reward_type=settings["reward_type"], batch_size=args.batch_size,
             progress=progress)
+        check_finite_outputs(records, args.model, settings["reference"])
         summary["truncated_rows"] = count_truncated_rows(tokenized.rows, tokenized.kind)  # of the evaluated rows
         result.update({"dataset": str(dataset_name), "held_out_of_run": bool(args.run_held_out)}, **summary)
         if args.per_example_output:

@@ -3,10 +3,11 @@
     rpo-train --loss rpo --max-steps 100                          # one process
     torchrun --nproc-per-node 2 -m rpo.train --global-contrast    # two data-parallel ranks
 
-Errors: an option error is argparse's usage line and exit status 2. An error in the user's input found later,
-on any rank (a bad data row, a missing or empty file, a model that does not fit --tensor-parallel, ...) reaches
-every rank (rpo.train.ranks): rank 0 prints it once as `PROG: error: ...`, every rank exits with status 2. The
-full traceback only with --debug or RPO_DEBUG=1.
+Errors: an option error is argparse's usage line and exit status 2. Anything that stops a run later, on any rank,
+reaches every rank (rpo.train.ranks): rank 0 prints it once as `PROG: error: ...` (or `PROG: stopped by ...`),
+every rank exits with the same status (rpo.train.exits: 2 the user's input, 3 diverged, 4 an output could not be
+written, 128+N a signal, 1 a bug, whose traceback the failing rank prints). The full traceback of any error with
+--debug or RPO_DEBUG=1.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import logging
 import os
 import sys
 import traceback
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from rpo.train.config import TrainConfig
+from rpo.train.exits import EXIT_OK, EXIT_USAGE, describe_failure
 
-USAGE_ERROR = 2
+USAGE_ERROR = EXIT_USAGE
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -29,40 +31,53 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "rpo-train") -> int:
-    """Parse the command line, train, return the exit status (0, or 2 for an error in the user's input)."""
+    """Parse the command line, train, return the exit status (rpo.train.exits)."""
     config = TrainConfig.from_cli(sys.argv[1:] if argv is None else argv, prog=prog)
-    # Imported after parsing so that --help answers at once (no torch or megatron import; the loss options are
-    # checked by rpo.losses inside from_cli).
-    import torch
+    return run(config, prog=prog)
 
-    from rpo.models.parallel import teardown
-    from rpo.train.trainer import Trainer
-    from rpo.train.ranks import user_error_types
 
-    if not torch.cuda.is_available():
-        torch.set_flush_denormal(True)  # denormal gradients make CPU backward ~10x slower
-    configure_logging()
+def run(config: TrainConfig, prog: str = "rpo-train", callbacks: Sequence = ()) -> int:
+    """Train with `config` (every rank of the launch calls it) and return the exit status; a failure is printed
+    once, by rank 0, as one line."""
+    from rpo.train import ranks, signals
+
+    ranks.set_program_name(prog)
+    ranks.forget_failures()
+    signals.exit_with_launcher()
+    stop_signals = signals.StopSignals().install()  # Ctrl-C during the imports and set-up: one line, no traceback
     debug = config.debug or os.environ.get("RPO_DEBUG", "") not in ("", "0")
+    rank = int(os.environ.get("RANK", "0"))
+    teardown = None
     try:
+        # Imported after parsing so that --help answers at once (no torch or megatron import; the loss options are
+        # checked by rpo.losses inside from_cli).
+        import torch
+
+        from rpo.models.parallel import teardown
+        from rpo.train.trainer import Trainer
+
+        if not torch.cuda.is_available():
+            torch.set_flush_denormal(True)  # denormal gradients make CPU backward ~10x slower
+        configure_logging()
         if config.plan:  # the memory estimate only (rpo.train.scale), nothing is trained
             from rpo.train.scale import print_memory_plan
 
             print_memory_plan(config)
         else:
-            Trainer(config).fit()
-    except user_error_types() as error:
-        if debug:
+            (Trainer(config, callbacks=callbacks) if callbacks else Trainer(config)).fit()
+    except (Exception, KeyboardInterrupt) as error:
+        code, line, bug = describe_failure(error, rank)
+        _, code, line = ranks.share_failure(code, line)  # the run's first failure (maybe another rank's)
+        if debug or bug:
             traceback.print_exc()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return USAGE_ERROR
+        if rank == 0:
+            print(f"{prog}: {line}", file=sys.stderr, flush=True)
+        return code
     finally:
-        teardown()
-    return 0
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+        stop_signals.restore()
+        if teardown is not None:
+            teardown()
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -172,6 +172,10 @@ class TrainConfig:
     eps: float = _opt(1e-8, "Denominator epsilon of rmsprop/adamw.", group="optimisation", exclusive_minimum=0.0)
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 = no clipping).",
                             group="optimisation", minimum=0.0)
+    max_skipped_steps: int = _opt(
+        3, "Steps in a row whose update the divergence guard may skip (a non-finite log-prob, loss or gradient "
+        "norm, or a gradient norm of 0 at a loss > 0.001) before the run stops with exit code 3; a run whose last "
+        "step is skipped stops too (0 = stop at the first).", group="optimisation", minimum=0)
     lr_schedule: str = _opt("constant", "Learning-rate schedule after the linear warmup.", group="optimisation",
                             choices=("constant", "cosine"))
     warmup_steps: int = _opt(0, "Linear warmup steps from 0 to --lr.", group="optimisation", minimum=0)
@@ -228,8 +232,15 @@ class TrainConfig:
         None, "Continue a run exactly: a checkpoint folder, or 'latest' (the default when the flag is given "
         "without a value) for the newest checkpoint in <output-dir>/checkpoints.", group="output", cli_nargs="?",
         cli_const="latest", metavar="CHECKPOINT")
+    allow_schedule_change: bool = _opt(
+        False, "With --resume: accept a learning-rate schedule (--lr, --lr-schedule, --warmup-steps, --min-lr-ratio, "
+        "--max-steps / --epochs) that differs from the checkpoint's, rebuilt from the resumed step; without it such a "
+        "resume is refused.", group="output")
     save_final: bool = _opt(True, "Save the trained policy to <output-dir>/final in Hugging Face format.",
                             group="output")
+    save_on_signal: bool = _opt(
+        True, "On SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, save a checkpoint of it and exit "
+        "with 128 + the signal number (--no-save-on-signal: exit without saving).", group="output")
     overwrite: bool = _opt(
         False, "Replace a previous run in --output-dir (its checkpoints/, final/, metrics.jsonl, ... are removed). "
         "Without it (or --resume) a used --output-dir is refused.", group="output")

@@ -30,18 +30,30 @@ def _as_float(value: Number) -> float:
 
 
 class WeightedMean:
-    """Accumulates metric dicts with weights (e.g. micro-batches of different sizes) into weighted means."""
+    """Accumulates metric dicts with weights (e.g. micro-batches of different sizes) into weighted means.
 
-    def __init__(self):
+    A NaN metric usually carries no information (an accuracy over zero pairs) and is left out of its mean, except
+    for the keys in `never_dropped` (the loss: it is never legitimately undefined, so a NaN loss is a diverged step
+    and its mean is NaN). `poison` marks a window's metrics as undefined (a step the divergence guard skipped).
+    """
+
+    def __init__(self, never_dropped: Iterable[str] = ("loss",)):
         self.sums: Dict[str, float] = {}
         self.weights: Dict[str, float] = {}
+        self.never_dropped = frozenset(never_dropped)
 
     def add(self, metrics: Mapping[str, Number], weight: float = 1.0) -> None:
         for key, value in metrics.items():
             value = _as_float(value)
-            if math.isnan(value):
+            if math.isnan(value) and key not in self.never_dropped:
                 continue  # e.g. an accuracy over zero pairs; carries no information, must not poison the mean
             self.sums[key] = self.sums.get(key, 0.0) + value * weight
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def poison(self, keys: Iterable[str], weight: float = 1.0) -> None:
+        """The metrics `keys` of this window are undefined: their means become NaN (on every rank they reach)."""
+        for key in keys:
+            self.sums[key] = float("nan")
             self.weights[key] = self.weights.get(key, 0.0) + weight
 
     def reduce(self, group: Optional[dist.ProcessGroup] = None) -> Dict[str, float]:

@@ -11,6 +11,7 @@ summed over the model-parallel group) and clips by it. The schedule is a linear 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -90,11 +91,9 @@ class TrainOptimizer:
         self.megatron_optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def step(self) -> float:
-        """Clip and apply the update; returns the global gradient norm (before clipping).
-
-        A non-finite norm (a diverged loss) skips the update, counted in `skipped_updates` and logged.
-        """
+    def prepare(self) -> float:
+        """Gradients ready for the update (main grads, clipped); returns the global gradient norm before clipping
+        (megatron-core's model-parallel norm: every rank gets the same value)."""
         optimizer = self.megatron_optimizer
         optimizer.prepare_grads()  # main_grad -> .grad (and fp32 masters for bf16)
         if self.config.expert_parallel > 1:
@@ -105,19 +104,37 @@ class TrainOptimizer:
             from rpo.models.moe import expert_parallel_grad_norm
 
             grad_norm = expert_parallel_grad_norm(optimizer)
-            if self.config.grad_clip > 0:
+            if self.config.grad_clip > 0 and math.isfinite(grad_norm):
                 clip_grad_by_total_norm_fp32(optimizer.get_parameters(), self.config.grad_clip, grad_norm)
-        elif self.config.grad_clip > 0:
-            grad_norm = float(optimizer.clip_grad_norm(self.config.grad_clip))
-        else:
-            grad_norm = float(optimizer.get_grad_norm())
-        if math.isfinite(grad_norm):
-            optimizer.step_with_ready_grads()
+            return grad_norm
+        if self.config.grad_clip > 0:
+            return float(optimizer.clip_grad_norm(self.config.grad_clip))
+        return float(optimizer.get_grad_norm())
+
+    @torch.no_grad()
+    def finish(self, update: bool) -> None:
+        """Apply the prepared update, or skip it (counted in `skipped_updates`); the schedule advances either way."""
+        if update:
+            self.megatron_optimizer.step_with_ready_grads()
         else:
             self.skipped_updates += 1
-            logger.warning("gradient norm is %s: update skipped (%d so far)", grad_norm, self.skipped_updates)
         self.scheduler.step()
+
+    def step(self) -> float:
+        """Clip and apply the update; a non-finite gradient norm skips it. Returns the norm before clipping."""
+        grad_norm = self.prepare()
+        self.finish(update=math.isfinite(grad_norm))
         return grad_norm
+
+    def rebuild_schedule(self) -> None:
+        """After loading a checkpoint of another schedule (--allow-schedule-change): the peak lr and the schedule
+        of this run's config from the loaded position on (the next update uses the new schedule's value)."""
+        scheduler = self.scheduler
+        scheduler.base_lrs = [self.config.lr for _ in self.inner.param_groups]
+        factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+        for group, base, factor in zip(self.inner.param_groups, scheduler.base_lrs, factors):
+            group["lr"] = base * factor
+        scheduler._last_lr = [group["lr"] for group in self.inner.param_groups]
 
     def state_dict(self) -> Dict[str, Any]:
         """With --distributed-optimizer: this data-parallel rank's shard (each rank saves its own)."""
@@ -148,6 +165,36 @@ class TrainOptimizer:
 
     def _main_params(self) -> List[torch.Tensor]:
         return [param for group in self.inner.param_groups for param in group["params"]]
+
+
+SCHEDULE_OPTIONS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio")
+
+
+def learning_rates(config: TrainConfig, total_steps: int, updates: range) -> List[float]:
+    """The learning rate of each update in `updates` (1-based) under `config`'s schedule."""
+    return [config.lr * lr_factor(u, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                  schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio) for u in updates]
+
+
+def schedule_change(saved: Dict[str, Any], saved_total: int, config: TrainConfig, total_steps: int,
+                    step: int) -> List[str]:
+    """What differs between a checkpointed run's schedule and this run's, as "--option OLD ..., now NEW" texts,
+    when it changes the learning rate of an update after `step`; [] when the remaining updates keep their rates
+    (e.g. a longer run with the constant schedule)."""
+    old = dataclasses.replace(config, **{name: saved[name] for name in SCHEDULE_OPTIONS if name in saved})
+    remaining = range(step + 1, max(total_steps, step) + 1)
+    if learning_rates(old, saved_total, remaining) == learning_rates(config, total_steps, remaining):
+        return []
+    changes = [f"--{name.replace('_', '-')} {getattr(old, name)!r} in the checkpointed run, now "
+               f"{getattr(config, name)!r}" for name in SCHEDULE_OPTIONS if getattr(old, name) != getattr(config, name)]
+    if saved_total != total_steps:
+        if saved.get("max_steps") != config.max_steps:
+            changes.append(f"--max-steps {saved.get('max_steps')} in the checkpointed run ({saved_total} steps), now "
+                           f"{config.max_steps} ({total_steps} steps)")
+        else:
+            changes.append(f"--epochs {saved.get('epochs')} in the checkpointed run ({saved_total} steps), now "
+                           f"{config.epochs} ({total_steps} steps)")
+    return changes
 
 
 def _replicated_optimizer(config: TrainConfig, model: torch.nn.Module, *, bf16: bool):

@@ -1,9 +1,10 @@
 """The training loop: `Trainer(TrainConfig(...)).fit()` on one process or under torchrun (TP x DP).
 
 The trainer keeps the set-up, the step and the checkpoints; the rest has its own module: the cheap checks before
-start-up (rpo.train.preflight), rank agreement on errors (rpo.train.ranks), micro-batches and the eval split
+start-up (rpo.train.preflight), rank agreement on errors (rpo.train.ranks), the divergence guard
+(rpo.train.guard), preemption and launcher death (rpo.train.signals), micro-batches and the eval split
 (rpo.data), the reference log-probs (rpo.train.reference_logps) and what a run shows and writes
-(rpo.train.reporting, a Callback).
+(rpo.train.reporting, a Callback). Exit codes and failure lines: rpo.train.exits.
 
 One optimiser step, per data-parallel rank r of W:
   1. this rank's slice of the global batch (rpo.data.PreferenceBatcher) is cut into A micro-batches
@@ -16,7 +17,8 @@ One optimiser step, per data-parallel rank r of W:
      is that of the loss of the whole global batch); when a global loss's batch spans several micro-batches,
      rpo.distributed.TwoPassContrast (scores of every micro-batch without grad, the global matrix, then a second
      forward per micro-batch with the score gradients);
-  4. DDP gradient all-reduce, global-norm clipping, optimiser update, learning-rate schedule.
+  4. DDP gradient all-reduce, global-norm clipping, the guard's verdict (one small all-reduce: non-finite numbers
+     on any rank, a stop signal), optimiser update (or a skipped one), learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ import torch
 
 from rpo.progress import StageProgress
 from rpo.train import checkpoint as ckpt
-from rpo.train import preflight, ranks, scale
+from rpo.train import preflight, ranks, scale, signals
 from rpo.train.callbacks import Callback
 from rpo.models.packing import sequence_logps
 from rpo.train.config import ConfigError, TrainConfig, build_training_loss, default_dataset_path
+from rpo.train.exits import Diverged, Interrupted, describe_failure, signal_name
+from rpo.train.guard import DivergenceGuard, StepVerdict
 from rpo.train.metrics import WeightedMean, all_reduce_sum
 from rpo.train.reference_logps import ReferenceLogps, model_fingerprint, precompute_reference_logps
 from rpo.train.reporting import RunReport, loss_summary
@@ -76,6 +80,7 @@ class Trainer:
         from rpo.models.parallel import init_parallel
 
         cfg = self.config
+        signals.exit_with_launcher()  # a rank of a multi-process launch stops when its launcher dies
         preflight.check_before_start(cfg)  # cheap checks before any heavy start-up
         self.loss = build_training_loss(cfg)  # built again for unpaired data once the data is read
         megatron_logger = logging.getLogger("megatron.core")
@@ -84,6 +89,7 @@ class Trainer:
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
         self.cuda = torch.cuda.is_available()
         self.parallel = init_parallel(cfg.tensor_parallel, seed=cfg.seed, expert_parallel=cfg.expert_parallel)
+        ranks.start_failure_watch()  # from here on, a failure on one rank ends every rank with one line
         from megatron.core import parallel_state
 
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -92,6 +98,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.dtype = self._resolve_dtype()
+        self.guard = DivergenceGuard(cfg.max_skipped_steps)
         self.accumulation = cfg.batch_layout(self.dp_size)
         self.rank_batch_size = cfg.global_batch_size // self.dp_size
 
@@ -110,10 +117,6 @@ class Trainer:
                                    if cfg.reference_model else self.model_path)
         self.dataset_path = cfg.dataset or str(default_dataset_path())
         self.two_pass = self.loss.is_global and self.accumulation > 1
-        if self.is_main:
-            resolved = replace(cfg, model=str(self.model_path), dataset=str(self.dataset_path),
-                               cache_dir=str(self.cache_root))
-            resolved.to_yaml(self.output_dir / "config.yaml")
 
         self._setup_data()
         self._setup_models()
@@ -126,9 +129,20 @@ class Trainer:
         self.log_accumulator = WeightedMean()
         self.history: List[Dict[str, Any]] = []
         self.last_step_metrics: Dict[str, float] = {}
+        self._prune_pending = False  # old checkpoints go once the step after a save proved the new one good
+        self._signals: Optional[signals.StopSignals] = None
+        self.last_verdict = StepVerdict(None, 0)
         if cfg.resume:
-            with ranks.together():
-                self._resume(cfg.resume)
+            self._resume(cfg.resume)
+        # Written once set-up succeeded: a run stopped by a data or option error leaves nothing that would make
+        # its corrected rerun look like a previous run.
+        with ranks.together():
+            if self.is_main:
+                resolved = replace(cfg, model=str(self.model_path), dataset=str(self.dataset_path),
+                                   cache_dir=str(self.cache_root))
+                resolved.to_yaml(self.output_dir / "config.yaml")
+                (self.output_dir / preflight.LOSS_FILE).write_text(
+                    json.dumps({**self.loss.describe(), "paired": self.paired}, indent=2) + "\n")
         ranks.barrier()
 
     def _resolve_dtype(self) -> torch.dtype:
@@ -143,11 +157,10 @@ class Trainer:
     def _setup_data(self) -> None:
         from transformers import AutoTokenizer
 
-        from rpo.data import PreferenceBatcher
-
         cfg = self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or self.model_path,
-                                                       trust_remote_code=cfg.trust_remote_code)
+        with ranks.together():
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or self.model_path,
+                                                           trust_remote_code=cfg.trust_remote_code)
         # Rank 0 first: it fills the embedding cache, the other ranks then only read it.
         with ranks.main_first():
             train_all = self._tokenize(self.dataset_path, cfg.dataset_split)
@@ -170,12 +183,20 @@ class Trainer:
                 raise ConfigError(f"the evaluation data has {len(eval_set[0])} rows, fewer than the {self.dp_size} "
                                   f"data-parallel ranks; raise --eval-split-fraction or pass --eval-dataset")
         self.train_data, self.eval_data = train_set, eval_set
+        # Every rank together: an error here on one rank only (a loss that refuses this data, a batch layout the
+        # data cannot fill) must not leave the others waiting in the next collective.
+        with ranks.together():
+            self._setup_batchers(tokenized, embeddings, eval_set)
+
+    def _setup_batchers(self, tokenized, embeddings, eval_set) -> None:
+        from rpo.data import PreferenceBatcher
+
+        cfg = self.config
         if not tokenized.paired:
             self.loss = build_training_loss(cfg, paired=False)
+        self.paired = tokenized.paired
         if self.is_main:
             logger.info("%s", loss_summary(self.loss))
-            (self.output_dir / preflight.LOSS_FILE).write_text(
-                json.dumps({**self.loss.describe(), "paired": tokenized.paired}, indent=2) + "\n")
         try:
             self.batcher = PreferenceBatcher(tokenized, embeddings, self.rank_batch_size, self.dp_rank,
                                              self.dp_size, cfg.seed, batching=cfg.batching,
@@ -198,7 +219,13 @@ class Trainer:
 
         cfg = self.config
         bar = cfg.progress_bar and self.is_main  # without a bar: log lines at least every 30 s
-        dataset = load_preference_dataset(source, split=split, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
+        try:
+            dataset = load_preference_dataset(source, split=split, columns=cfg.columns,
+                                              skip_bad_rows=cfg.skip_bad_rows)
+        except ValueError as error:
+            if isinstance(error, ranks.user_error_types()):
+                raise
+            raise ConfigError(str(error)) from None  # the loader's messages name the file (and line)
         tokenized = tokenize_preference_dataset(dataset, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
                                                 max_length=cfg.max_length, progress=bar)
         embeddings = None
@@ -306,6 +333,7 @@ class Trainer:
     def _loss_inputs(self, batch: Batch, policy: torch.Tensor, counts: torch.Tensor,
                      reference: Optional[torch.Tensor]) -> Dict[str, Any]:
         m = batch["num_chosen"]
+        policy, reference = self.guard.screen(policy), self.guard.screen(reference)  # a diverged model's NaN -> 0
         inputs = {
             "policy_chosen_logps": policy[:m], "policy_rejected_logps": policy[m:],
             "chosen_lengths": counts[:m], "rejected_lengths": counts[m:],
@@ -404,8 +432,11 @@ class Trainer:
         # --sequence-parallel the sum over the TP group of the norm weights' gradients (each TP rank saw T/TP
         # positions).
         finalize_model_grads([self.ddp_model])
-        grad_norm = self.optimizer.step()
         reduced = metrics.reduce(self.dp_group)
+        grad_norm = self.optimizer.prepare()
+        self.last_verdict = self.guard.judge(reduced.get("loss"), grad_norm,  # collective (rpo.train.guard)
+                                             self._signals.pending() if self._signals else 0)
+        self.optimizer.finish(update=self.last_verdict.update)
         step_time = time.perf_counter() - started
         reduced.update(lr=lr, grad_norm=grad_norm, step_time=step_time, tokens_per_s=tokens / step_time)
         if unpacked_slots:
@@ -482,52 +513,100 @@ class Trainer:
 
     # ============================================================================================= fit ===
     def fit(self) -> Dict[str, Any]:
-        """Train to --max-steps (or --epochs), evaluate, checkpoint, save final/; returns the run summary."""
-        if not hasattr(self, "batcher"):
-            self.setup()
+        """Train to --max-steps (or --epochs), evaluate, checkpoint, save final/; returns the run summary.
+
+        Stops early with `Diverged` (the divergence guard) or `Interrupted` (SIGTERM / SIGINT; a checkpoint of the
+        last step saved unless --no-save-on-signal); any failure is shared with every rank (rpo.train.ranks)."""
+        stop_signals = signals.StopSignals().install()  # set-up: a signal stops at once
+        try:
+            if not hasattr(self, "batcher"):
+                self.setup()
+            return self._fit(stop_signals)
+        except BaseException as error:
+            code, line, _ = describe_failure(error, getattr(self, "rank", 0))
+            ranks.share_failure(code, line)  # the other ranks end with it, even if blocked in a collective
+            raise
+        finally:
+            stop_signals.restore()
+            self._signals = None
+            ranks.stop_failure_watch()
+
+    def _fit(self, stop_signals: signals.StopSignals) -> Dict[str, Any]:
         cfg = self.config
         started = time.perf_counter()
         start_step = self.step
         tokens_seen = 0.0
         eval_metrics: Dict[str, float] = {}
         batches = self._batches()
+        self._signals = stop_signals
         self._notify("on_fit_start")
         try:
-            while self.step < self.total_steps:
-                batch = next(batches)
-                step_metrics = self.train_step(batch)
-                self.step += 1
-                tokens_seen += step_metrics["tokens_per_s"] * step_metrics["step_time"]
-                self.last_step_metrics = dict(step_metrics)
-                timing = {k: step_metrics.pop(k) for k in ("lr", "grad_norm", "step_time", "tokens_per_s")}
-                self.log_accumulator.add(step_metrics)
-                last = self.step == self.total_steps
-                record = None
-                evaluate = self.eval_batcher is not None and (
-                    last or (cfg.eval_every and self.step % cfg.eval_every == 0))
-                if evaluate:
-                    eval_metrics = self.evaluate()
-                if self.step % cfg.log_every == 0 or last or evaluate:
-                    record = {"step": self.step, "epoch": self._epoch_position(),
-                              **self.log_accumulator.reduce(), **timing, **(eval_metrics if evaluate else {})}
-                    self.log_accumulator = WeightedMean()
-                    self.history.append(record)
-                    self._notify("on_log", record)
-                if cfg.save_every and (self.step % cfg.save_every == 0) and not last:
-                    self.save_checkpoint()
-                self._notify("on_step_end", self.step, record)
+            with stop_signals.deferred():
+                while self.step < self.total_steps:
+                    batch = next(batches)
+                    step_metrics = self.train_step(batch)
+                    self.step += 1
+                    verdict = self.last_verdict
+                    diverged = self.guard.record(self.step, verdict)
+                    last = self.step == self.total_steps
+                    if last and not verdict.update:
+                        diverged = True  # a run does not end on an update it could not apply
+                    tokens_seen += step_metrics["tokens_per_s"] * step_metrics["step_time"]
+                    timing = {k: step_metrics.pop(k) for k in ("lr", "grad_norm", "step_time", "tokens_per_s")}
+                    if verdict.nonfinite_logps:
+                        # The loss saw zeros in place of the non-finite values: its numbers mean nothing (the
+                        # batch's own properties, batch/* and packing/*, still hold).
+                        step_metrics = {key: value if key.startswith(("batch/", "packing/")) else float("nan")
+                                        for key, value in step_metrics.items()}
+                        self.log_accumulator.poison(key for key, value in step_metrics.items() if value != value)
+                        self.log_accumulator.add({k: v for k, v in step_metrics.items() if v == v})
+                    else:
+                        self.log_accumulator.add(step_metrics)
+                    self.last_step_metrics = {**step_metrics, **timing}
+                    if verdict.update and self._prune_pending:
+                        self._prune_checkpoints()
+                    record = None
+                    evaluate = self.eval_batcher is not None and not self.guard.in_bad_state and (
+                        last or (cfg.eval_every and self.step % cfg.eval_every == 0))
+                    eval_problem = None
+                    if evaluate:
+                        eval_metrics, eval_problem = self._evaluate_checked()
+                    if self.step % cfg.log_every == 0 or last or evaluate or not verdict.update:
+                        record = {"step": self.step, "epoch": self._epoch_position(),
+                                  **self.log_accumulator.reduce(), **timing, **(eval_metrics if evaluate else {})}
+                        self.log_accumulator = WeightedMean()
+                        self.history.append(record)
+                        self._notify("on_log", record)
+                    if eval_problem:
+                        self._stop_diverged(eval_problem, first_bad_step=self.step + 1)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                        if self.guard.in_bad_state:
+                            if self.is_main:
+                                logger.warning("step %d: no checkpoint: the step's update was skipped", self.step)
+                        else:
+                            self.save_checkpoint()
+                    self._notify("on_step_end", self.step, record)
+                    if diverged:
+                        self._stop_diverged(verdict.problem)
+                    if verdict.signal:
+                        self._stop_for_signal(verdict.signal, stop_signals)
         finally:
             self._notify("on_loop_end")
         elapsed = time.perf_counter() - started
-        if cfg.save_every and self.step % cfg.save_every == 0:
-            self.save_checkpoint()
         final_dir = None
-        if cfg.save_final:
-            from rpo.models.hf_checkpoint import save_hf
+        with stop_signals.saving():  # the run is done: a signal now waits for its outputs
+            if cfg.save_every and self.step % cfg.save_every == 0 and self._saved_step != self.step:
+                self.save_checkpoint()
+            if self._prune_pending:
+                self._prune_checkpoints()
+            if cfg.save_final:
+                from rpo.models.hf_checkpoint import save_hf
 
-            final_dir = self.output_dir / "final"
-            with _logged_stage(f"final model {final_dir}", self.is_main):
-                save_hf(self.ddp_model, self.hf_config, final_dir, tokenizer_src=self.tokenizer)
+                if not self._weights_finite():
+                    self._stop_diverged("a weight is not finite", first_bad_step=self.step + 1)
+                final_dir = self.output_dir / "final"
+                with _logged_stage(f"final model {final_dir}", self.is_main):
+                    save_hf(self.ddp_model, self.hf_config, final_dir, tokenizer_src=self.tokenizer)
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "time_s": elapsed,
             "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else float("nan"),
@@ -540,8 +619,68 @@ class Trainer:
             "final_model": str(final_dir) if final_dir else None,
         }
         self._notify("on_fit_end", summary)
+        ranks.stop_failure_watch()  # before the last barrier: no rank polls the store after rank 0 has left
         ranks.barrier()
         return summary
+
+    def _evaluate_checked(self) -> tuple:
+        """(eval metrics, a problem or None): the evaluation, and whether every rank saw finite numbers in it."""
+        eval_metrics = self.evaluate()
+        nonfinite, _ = self.guard.agree()  # collective
+        if nonfinite:
+            return {key: float("nan") for key in eval_metrics}, "a log-prob of the evaluation data is not finite"
+        loss = eval_metrics.get("eval/loss", 0.0)
+        if not math.isfinite(loss):
+            return eval_metrics, f"the evaluation loss is {loss}"
+        return eval_metrics, None
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        """Collective: every parameter of every rank is finite (checked before final/ is exported)."""
+        bad = sum(int(not torch.isfinite(param).all()) for param in self.policy.parameters())
+        group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+        return all_reduce_sum([bad], group)[0] == 0
+
+    def _stop_diverged(self, problem: str, first_bad_step: Optional[int] = None) -> None:
+        """Collective: set aside the checkpoint whose weights gave the first bad numbers, raise Diverged (exit 3).
+
+        `first_bad_step`: for a problem found outside the step's verdict (the evaluation, the final weights), the
+        step whose weights showed it is `first_bad_step - 1`."""
+        first_bad = first_bad_step or self.guard.first_bad_step or self.step
+        suspect = self.checkpoint_dir / f"step-{first_bad - 1:08d}"
+        if self.is_main and suspect.is_dir():
+            marked = ckpt.mark_diverged(suspect)
+            logger.warning("set aside %s: its weights gave the non-finite numbers", marked)
+        ranks.barrier()
+        good = ckpt.latest_checkpoint(self.checkpoint_dir)
+        what = (f"the run diverged at step {self.step}: {problem}" if first_bad_step else
+                self.guard.describe(self.step, problem, last_step=self.step == self.total_steps))
+        advice = (f"the last good checkpoint is {good}: continue from it with a lower --lr (--resume --lr ... "
+                  f"--allow-schedule-change)" if good else
+                  "no checkpoint was written before it: start again with a lower --lr (--overwrite)")
+        raise Diverged(f"{what}; no final/ written; {advice}")
+
+    def _stop_for_signal(self, signum: int, stop_signals: signals.StopSignals) -> None:
+        """Collective: every rank agreed to stop after this step: save it (unless told not to), raise Interrupted."""
+        name = signal_name(signum)
+        saved = None
+        if not self.config.save_on_signal:
+            what = "nothing saved (--no-save-on-signal)"
+        elif self.guard.in_bad_state:
+            what = "nothing saved: the step's update was skipped by the divergence guard"
+        else:
+            with stop_signals.saving():
+                saved = (self.checkpoint_dir / f"step-{self.step:08d}" if self._saved_step == self.step
+                         else self.save_checkpoint())
+            what = f"saved {saved}; continue with --resume"
+        raise Interrupted(signum, f"stopped by {name} after step {self.step} of {self.total_steps}: {what}")
+
+    def _prune_checkpoints(self) -> None:
+        self._prune_pending = False
+        if self.is_main:
+            for path in ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints):
+                logger.info("removed old checkpoint %s (--keep-checkpoints %d)", path.name,
+                            self.config.keep_checkpoints)
 
     def _notify(self, hook: str, *args) -> None:
         for callback in self.callbacks:
@@ -558,8 +697,11 @@ class Trainer:
         return state["epoch"] + state["batch_in_epoch"] / len(self.batcher)
 
     # ===================================================================================== checkpoints ===
+    _saved_step: Optional[int] = None
+
     def save_checkpoint(self) -> Path:
-        """Collective: model, optimiser, scheduler, RNG, data position and log state of this step."""
+        """Collective: model, optimiser, scheduler, RNG, data position and log state of this step. Old checkpoints
+        beyond --keep-checkpoints are removed after the next step proved this one good (see `_fit`)."""
         unique_copy = self.dp_rank == 0  # DP replicas hold identical weights and optimiser state
         shard = self.dp_rank if self.config.distributed_optimizer else None  # ... unless it is sharded over them
         model_state = {name: p for name, p in self.policy.named_parameters()} if unique_copy else None
@@ -573,29 +715,83 @@ class Trainer:
                                         model_state=model_state,
                                         optimizer_state=(self.optimizer.state_dict()
                                                          if unique_copy or shard is not None else None),
-                                        dp_rank=shard,
-                                        rank_state=rank_state, tp_rank=self.parallel.tp_rank,
-                                        keep=self.config.keep_checkpoints)
+                                        dp_rank=shard, rank_state=rank_state, tp_rank=self.parallel.tp_rank)
+        self._saved_step = self.step
+        self._prune_pending = True
         return path
 
     def _resume(self, where: str) -> None:
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
-        if path is None:
+        """Collective: load the checkpoint `where` (a folder, or 'latest': the newest intact one, falling back past
+        damaged ones with a log line each), check that this run continues it, and restore every state."""
+        explicit = where != "latest"
+        candidates = [Path(where)] if explicit else list(reversed(ckpt.list_checkpoints(self.checkpoint_dir)))
+        if not candidates:
             if self.is_main:
-                logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.checkpoint_dir)
+                aside = sorted(p.name for p in self.checkpoint_dir.glob("diverged-step-*"))
+                logger.info("--resume: no checkpoint in %s yet%s; starting from step 0", self.checkpoint_dir,
+                            f" ({', '.join(aside)} set aside by the divergence guard)" if aside else "")
             return
-        state = ckpt.load_trainer_state(path)
+        shard = self.dp_rank if self.config.distributed_optimizer else None
+        damaged: List[str] = []
+        loaded = None
+        for index, path in enumerate(candidates):
+            problem, error = None, None
+            try:
+                self._check_topology(path, ckpt.load_trainer_state(path))
+                loaded = ckpt.load_checkpoint(path, rank=self.rank, tp_rank=self.parallel.tp_rank,
+                                              optimizer_shard=shard)
+            except ckpt.CheckpointDamaged as caught:
+                problem = str(caught)
+            except Exception as caught:  # noqa: BLE001 - not a checkpoint, another launch size: shared below
+                error = caught
+            with ranks.together():  # the same error on every rank (the lowest failing rank's)
+                if error is not None:
+                    raise error
+            problems = [p for p in _all_gather(problem) if p is not None]
+            if not problems:
+                break
+            loaded = None
+            damaged.append(problems[0])
+            if explicit:
+                raise ConfigError(f"--resume {path}: damaged checkpoint: {problems[0]}; pass another checkpoint, or "
+                                  f"--resume latest for the newest intact one")
+            if self.is_main:
+                following = candidates[index + 1].name if index + 1 < len(candidates) else "none left"
+                logger.warning("--resume: checkpoint %s; falling back to the previous one (%s)", problems[0],
+                               following)
+        if loaded is None:
+            raise ConfigError(f"--resume: no intact checkpoint in {self.checkpoint_dir} ({'; '.join(damaged)}); "
+                              f"start again with --overwrite")
+        with ranks.together():
+            self._restore(path, loaded)
+        if self.is_main:
+            note = f" (the newest intact one; {len(damaged)} damaged checkpoint(s) skipped)" if damaged else ""
+            logger.info("resumed from %s at step %d%s", path, self.step, note)
+
+    def _check_topology(self, path: Path, state: Dict[str, Any]) -> None:
         if (state["world_size"], state["tensor_parallel"]) != (self.parallel.world_size, self.parallel.tp_size):
             raise ConfigError(f"--resume {path}: written by {state['world_size']} processes with tensor-parallel "
                               f"{state['tensor_parallel']}; this launch has {self.parallel.world_size} and "
                               f"{self.parallel.tp_size}")
+
+    def _restore(self, path: Path, loaded: Dict[str, Any]) -> None:
+        """Check that this run continues the checkpointed one, then restore weights, optimiser, data, RNG, logs."""
+        from rpo.train.optim import schedule_change
+
+        state = loaded["trainer"]
         saved = dict(state["config"])
         for key in ("global_batch_size", "micro_batch_size", "seed", "loss", "optimizer", "distributed_optimizer"):
             if saved.get(key) != getattr(self.config, key):
                 raise ConfigError(f"--resume {path}: --{key.replace('_', '-')} was {saved.get(key)!r} in the "
                                   f"checkpointed run, now {getattr(self.config, key)!r}; the run would not "
                                   f"continue exactly")
-        weights = ckpt.load_model_state(path, self.parallel.tp_rank)
+        step = int(state["step"])
+        changes = schedule_change(saved, int(state["total_steps"]), self.config, self.total_steps, step)
+        if changes and not self.config.allow_schedule_change:
+            raise ConfigError(f"--resume {path}: the learning-rate schedule of steps {step + 1}-{self.total_steps} "
+                              f"would change: {'; '.join(changes)}; keep the options, or pass "
+                              f"--allow-schedule-change to rebuild the schedule from step {step + 1}")
+        weights = loaded["model"]
         params = dict(self.policy.named_parameters())
         if set(weights) != set(params):
             raise ValueError(f"--resume {path}: parameters differ from the model's "
@@ -604,16 +800,18 @@ class Trainer:
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(weights[name])
-        shard = self.dp_rank if self.config.distributed_optimizer else None
-        self.optimizer.load_state_dict(ckpt.load_optimizer_state(path, self.parallel.tp_rank, shard))
-        rank_state = ckpt.load_rank_state(path, self.rank)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        if changes:
+            self.optimizer.rebuild_schedule()
+            if self.is_main:
+                logger.warning("--allow-schedule-change: %s; the schedule is rebuilt from step %d (next lr %.6g)",
+                               "; ".join(changes), step + 1, self.optimizer.lr)
+        rank_state = loaded["rank"]
         self.batcher.load_state_dict(rank_state["batcher"])
         ckpt.set_rng_state(rank_state["rng"])
         self.log_accumulator.sums = dict(rank_state["log_accumulator"]["sums"])
         self.log_accumulator.weights = dict(rank_state["log_accumulator"]["weights"])
-        self.step = int(state["step"])
-        if self.is_main:
-            logger.info("resumed from %s at step %d", path, self.step)
+        self.step = self._saved_step = step
 
 
 # ============================================================================================ helpers ===
@@ -626,6 +824,15 @@ def _logged_stage(what: str, show: bool) -> Iterator[None]:
     yield
     if show:
         logger.info("%s written in %.1f s", what, time.perf_counter() - started)
+
+
+def _all_gather(value: Any) -> List[Any]:
+    """`value` of every rank (a list of one on a single process)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [value]
+    gathered: List[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _cat(tensors: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:

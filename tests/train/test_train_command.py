@@ -135,7 +135,8 @@ def test_unknown_yaml_key_suggests_the_option(tmp_path):
     config_file.write_text("max_step: 3\n")
     with pytest.raises(ConfigError) as error:
         TrainConfig.from_yaml(config_file)
-    assert str(error.value) == f"{config_file}: unknown option 'max_step'; did you mean 'max-steps' or 'warmup-steps'?"
+    assert str(error.value) == (f"{config_file}: unknown option 'max_step'; did you mean 'max-steps' or "
+                                f"'max-skipped-steps' or 'warmup-steps'?")
 
 
 def test_bad_yaml_value_names_the_file(tmp_path, capsys):
