@@ -1,4 +1,6 @@
-"""Versioned JSON manifests of the folders rpo writes (tokenised data sets, checkpoints): read one, or say why not."""
+"""Versioned JSON manifests of folders rpo writes (tokenised data sets): read one, or say why not.
+
+Checkpoints verify theirs (format, checksum, file hashes) in rpo.train.checkpoint."""
 from __future__ import annotations
 
 import json

@@ -25,11 +25,25 @@ def test_another_version_names_the_folder_and_both_versions(tmp_path):
         read_manifest(path, version_key="format_version", version=1, missing="m", label="tok/rpo_tokenized.json")
 
 
-def test_the_checkpoint_reader_uses_it(tmp_path):
-    from rpo.train.checkpoint import FORMAT_VERSION, load_trainer_state
+def test_the_tokenised_data_set_reader_uses_it(tmp_path):
+    from rpo.data.tokenization import TokenizedPreferenceDataset
 
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="no rpo_tokenized.json; not a folder written by save_to_disk"):
+        TokenizedPreferenceDataset.load_from_disk(tmp_path)
+    (tmp_path / "rpo_tokenized.json").write_text(json.dumps({"format_version": 999}))
+    with pytest.raises(ValueError, match=r"rpo_tokenized.json: format_version 999, expected \d+$"):
+        TokenizedPreferenceDataset.load_from_disk(tmp_path)
+
+
+def test_the_checkpoint_reader_tells_a_missing_folder_from_a_damaged_one(tmp_path):
+    from rpo.train.checkpoint import READABLE_VERSIONS, CheckpointDamaged, load_trainer_state
+
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        load_trainer_state(tmp_path / "absent")
+    # trainer.json is written last: a folder without it was cut off while being written.
+    with pytest.raises(CheckpointDamaged, match="trainer.json is missing"):
         load_trainer_state(tmp_path)
-    (tmp_path / "trainer.json").write_text(json.dumps({"format": FORMAT_VERSION + 1}))
-    with pytest.raises(ValueError, match=f"checkpoint: format {FORMAT_VERSION + 1}, expected {FORMAT_VERSION}"):
+    unknown = max(READABLE_VERSIONS) + 1
+    (tmp_path / "trainer.json").write_text(json.dumps({"format": unknown}))
+    with pytest.raises(CheckpointDamaged, match=f"unknown checkpoint format {unknown}"):
         load_trainer_state(tmp_path)
