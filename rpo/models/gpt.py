@@ -1,8 +1,9 @@
 """A megatron-core GPTModel built from a Hugging Face LLaMA-family or Mistral config.
 
 Covered: grouped-query attention, RoPE with the config's θ (and LLaMA-3.1 "llama3" scaling), RMSNorm with the
-config's ε, SwiGLU, tied or untied embeddings, Mistral's sliding window. The local (pure megatron-core) layer spec
-is used unless Transformer Engine is importable. The vocabulary is padded to a multiple of
+config's ε, SwiGLU, tied or untied embeddings, Mistral's sliding window. The local layer spec (megatron-core's
+local layer with rpo.models.local_layers' norm, SwiGLU and attention) is used unless Transformer Engine is
+importable. The vocabulary is padded to a multiple of
 `vocab_divisible_by · TP` (megatron's convention); rpo.models.logprobs masks the padding out of log-probs.
 
 Sliding window: megatron-core's local attention (DotProductAttention) applies `config.window_size` by replacing
@@ -199,16 +200,14 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     `initialize=False` skips megatron's random init (weights are about to be loaded). `use_te=None` picks
     Transformer Engine's layer spec when it is importable, else the local spec. `recompute`: activation
     recomputation, one of RECOMPUTE_MODES (see recompute_settings). `sequence_parallel`: megatron's sequence
-    parallelism (needs TP > 1): the norms and residual stream of each layer hold T/TP positions per rank; with the
-    local spec its norms are `SequenceParallelTorchNorm`. Every rpo forward (forward_hidden_states,
+    parallelism (needs TP > 1): the norms and residual stream of each layer hold T/TP positions per rank (the local
+    spec's norms, rpo.models.local_layers.RMSNorm, mark their weights for megatron's TP gradient sum). Every rpo
+    forward (forward_hidden_states,
     hidden_states_with_mask, full_logits) pads T to a multiple of TP and returns all T positions.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is not initialised: call rpo.models.init_parallel(tp_size)")
@@ -229,9 +228,10 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     if use_te:
         layer_spec = get_gpt_layer_with_transformer_engine_spec()  # TE's norms support sequence parallelism
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-        if sequence_parallel:
-            layer_spec = _sequence_parallel_local_spec(layer_spec, config.num_layers)
+        from rpo.models.local_layers import local_layer_spec
+
+        # megatron's local layer with rpo's RMSNorm, SwiGLU and SDPA attention (less kept, same values)
+        layer_spec = local_layer_spec(config.num_layers, sequence_parallel)
     vocab = int(hf_config.vocab_size)
     padded = padded_vocab_size(vocab, tp_size, vocab_divisible_by)
     model = GPTModel(
@@ -247,6 +247,10 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         rotary_percent=1.0,
         **rope_settings(hf_config),
     )
+    if not use_te:
+        from rpo.models.local_layers import finish_local_model
+
+        finish_local_model(model)
     _mark_tensor_parallel(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -256,39 +260,6 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
         recompute=recompute, sequence_parallel=sequence_parallel,
     )
     return model
-
-
-class SequenceParallelTorchNorm:
-    """The local spec's torch norm (what megatron-core's WrappedTorchNorm builds: torch.nn.RMSNorm with the
-    config's ε) for a sequence-parallel model.
-
-    WrappedTorchNorm asserts `not config.sequence_parallel` (megatron-core 0.16.1, transformer/torch_norm.py). A
-    norm acts on each position alone, so on T/TP positions it is exact; only its weight's gradient is partial (a
-    sum over this rank's positions). The weight carries megatron's `sequence_parallel` attribute, as its fused
-    norms set it (fusions/fused_layer_norm.py), and megatron's `finalize_model_grads` sums the gradients of such
-    weights over the tensor-parallel group (`_allreduce_non_tensor_model_parallel_grads`).
-    """
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
-        if config.normalization != "RMSNorm":
-            raise ValueError(f"SequenceParallelTorchNorm builds RMSNorm only, got {config.normalization!r}")
-        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return norm
-
-
-def _sequence_parallel_local_spec(layer_spec, num_layers: int):
-    """The local layer spec with SequenceParallelTorchNorm for both norms of a layer and the final norm."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
-
-    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-        layer_spec.submodules, input_layernorm=SequenceParallelTorchNorm,
-        pre_mlp_layernorm=SequenceParallelTorchNorm))
-    # A layer spec gets megatron's default final norm (WrappedTorchNorm); a block spec names its own.
-    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=[layer] * num_layers, layer_norm=SequenceParallelTorchNorm))
 
 
 def _mark_tensor_parallel(model) -> None:

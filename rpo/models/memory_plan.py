@@ -24,41 +24,35 @@ Persistent bytes, N = parameters on this GPU:
     reference       e·N            a frozen copy, unless its log-probs are precomputed (or the loss needs none)
 
 Activations kept from forward to backward, per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation
-in Large Transformer Models", redone for RMSNorm, SwiGLU, GQA, RoPE, no dropout, and for what megatron-core's
-local layers actually save):
-    norms           2·(r·s·b·h + 4·s·b) / sp   r bytes per element an RMSNorm saves besides its fp32 1/rms: e when
-                                       fused (CUDA torch, TE), 8 with CPU torch's composite rms_norm (fp32 input
-                                       and fp32 x/rms, in bf16 runs too)
+in Large Transformer Models", redone for RMSNorm, SwiGLU, GQA, RoPE, no dropout, and for what the layers actually
+save: "local" is rpo's local spec, rpo.models.local_layers; "flash" Transformer Engine's):
+    norms           2·e·s·b·h / sp       each RMSNorm's input (local: 1/rms is recomputed in backward; TE also keeps
+                                         the fp32 1/rms, + 2·4·s·b / sp)
     RoPE            4·e·s·d            cos and sin, saved for Q and for K
     linear inputs   2·e·s·b·h / sp     QKV and gate+up inputs (with sp: the sequence shard, re-gathered in backward)
-    attention, local (unfused DotProductAttention)
-                    e·s·b·d·(a + a + v) / t     Q and the repeated K (saved by QKᵀ), V (v = a repeated when a > g;
-                                                with a = g the V view keeps the whole fused QKV output, v = a+2g)
-                  + (4 + e·[e≠4])·b·a·s² / t    fp32 softmax output (+ its bf16 copy that P·V saves)
-                  + e·s·b·a·d / t               context, the output projection's input
-    attention, flash (TE fused)
-                    e·s·b·d·(2a + 2g) / t + 4·b·a·s / t     Q, K, V, output and the softmax statistics
-    SwiGLU MLP      5·e·s·b·f / t      gate+up output (kept by silu's view of the gate), silu(gate), up + 0
-                                       (megatron's glu_linear_offset makes a new tensor), and the down input
-With selective recomputation (megatron's core_attn) the attention keeps only the core attention's inputs and
-output: e·s·b·d·(a + g + a+2g + a) / t (Q and K after RoPE, V's view keeping the fused QKV output, context) — or
-e·s·b·d·(2a+2g)/t for flash. With full recomputation (uniform, one layer per checkpoint) a layer keeps its input,
-e·s·b·h / sp. Besides the layers: the final norm (r·s·b·h / sp), the response hidden states (e·n·h, the chunked
-log-probs' checkpoint input) and, with local attention, the boolean mask (b·s² bytes).
+    attention (SDPA or TE flash)
+                    e·s·b·d·(2a + 2g) / t + 4·b·a·s / t     Q, K, V (unrepeated), output (also the output
+                                                            projection's input), per-row log-sum-exp
+    SwiGLU MLP      3·e·s·b·f / t      local: the fc1 output (gate and up) and the fc2 input; TE spec (megatron's
+                                       own SwiGLU): 5·e·s·b·f / t (+ silu(gate), up + 0, the gate's view)
+With selective recomputation (megatron's core_attn) the local attention keeps only the core attention's inputs
+and output: e·s·b·d·(a + g + a+2g + a) / t (Q and K after RoPE, V's view keeping the fused QKV output, context) —
+or e·s·b·d·(2a+2g)/t for flash. With full recomputation (uniform, one layer per checkpoint) a layer keeps its
+input, e·s·b·h / sp. Besides the layers: the final norm, the response hidden states (e·n·h, the chunked log-probs'
+checkpoint input) and, with local attention, one mask for all layers: SDPA's additive one (e·b·s²) or, under
+recomputation, the boolean one the checkpoints keep (b·s²).
 
 Working sets on top of the activations (the largest counts; `working` is it minus the log-prob chunk):
-    log-prob chunk      c·(V/t)·(e + 4·[e≠4] + 4·[vocabulary padded])  logits, their fp32 copy, the padding-masked
-                        copy (megatron's cross-entropy then works in place)
+    log-prob chunk      c·(V/t)·(e + 4·[e≠4])  logits and their fp32 copy (padding masked, softmax and gradient
+                        computed in place: rpo.models.logprobs)
     forward tail        e·s·b·h + chunk (+ e·n·h with a reference model, whose forward runs after the policy's)
     output backward     chunk + e·(V/t)·h     the output layer's weight gradient before DDP adds it to main_grad
     layer backward      the recomputed part of one layer (none: 0; selective: the core attention; full: the whole
-                        layer) + that layer's activation gradients (local attention: two fp32 b·a·s²/t score
-                        gradients; MLP: 3·e·s·b·f/t)
+                        layer) + that layer's activation gradients (MLP: 3·e·s·b·f/t; SDPA and flash attention
+                        work in blocks)
     optimizer step      (no activations then) one fp32 copy of the optimizer's parameters (the foreach
                         RMSprop/AdamW sqrt, torch's default on CUDA) or of the largest one (the per-tensor loop,
                         torch's default on CPU or with foreach=False; AdamW: two)
-    attention buffer    e·b·a·s²/t: megatron's GlobalMemoryBuffer for QKᵀ, allocated once and kept (CUDA only:
-                        on CPU its pages are never written, so never resident)
 Peak = persistent + overhead + max(activations + log-prob chunk + working, optimizer step).
 Not modelled: pipeline and context parallelism (the trainer runs TP × DP only), packing, fragmentation.
 """
@@ -320,16 +314,15 @@ class _Activations:
         self.sp = settings.tensor_parallel if settings.sequence_parallel else 1
         self.b = 2 * settings.micro_batch_pairs
         self.s = settings.max_length
-        # CPU torch's composite rms_norm saves its fp32 input and fp32 x·rstd, in fp32 and bf16 runs alike.
-        self.norm_bytes = self.e if settings.device == "cuda" else 8
         self.local = settings.attention == "local"
 
     def sbh(self) -> int:
         return self.s * self.b * self.m.hidden_size
 
     def norm(self) -> int:
-        """What one RMSNorm saves: its input (r bytes per element) and the fp32 1/rms per token."""
-        return (self.norm_bytes * self.sbh() + 4 * self.s * self.b) // self.sp
+        """What one RMSNorm saves: its input (rpo's local RMSNorm recomputes 1/rms in backward; TE's keeps the fp32
+        1/rms per token)."""
+        return (self.e * self.sbh() + (0 if self.local else 4 * self.s * self.b)) // self.sp
 
     def scores(self) -> int:
         """Elements of one layer's attention scores on this rank, b·a·s²/t."""
@@ -340,43 +333,45 @@ class _Activations:
         return self.s * self.b * count * self.m.head_dim // self.t
 
     def core_attention(self) -> int:
-        """What the local core attention saves beyond its inputs (dropped by selective recomputation)."""
+        """What the core attention saves beyond its inputs (dropped by selective recomputation): SDPA (rpo's local
+        spec) and TE's flash attention keep Q, K and V unrepeated, the output and the fp32 log-sum-exp per row."""
         a, g = self.m.num_heads, self.m.num_kv_heads
-        if not self.local:
-            return 0  # flash attention keeps only its inputs, output and per-row statistics
-        value_heads = a if a > g else a + 2 * g
-        return self.e * self._heads(a + a + value_heads) + (4 + (self.e if self.e != 4 else 0)) * self.scores()
+        return self.e * self._heads(2 * a + 2 * g) + 4 * self.b * a // self.t * self.s
 
     def attention_kept(self, recompute: str) -> int:
         a, g = self.m.num_heads, self.m.num_kv_heads
         if not self.local:
-            return self.e * self._heads(2 * a + 2 * g) + 4 * self.b * a // self.t * self.s
+            return self.core_attention()
         if recompute == "selective":
-            # Q and K after RoPE are new tensors; V is a view of the fused QKV output, which it keeps whole.
+            # The checkpoint's inputs: Q and K after RoPE are new tensors, V is a view of the fused QKV output,
+            # which it keeps whole; and its output, the projection's input.
             return self.e * self._heads(a + g + (a + 2 * g) + a)
-        return self.core_attention() + self.e * self._heads(a)  # + the context (the projection's input)
+        # SDPA returns its output in [b, s, heads, d] memory order: the projection's input is the same storage.
+        return self.core_attention()
 
     def layer(self, recompute: str) -> int:
         if recompute == "full":
             return self.e * self.sbh() // self.sp
         norms_and_inputs = 2 * (self.norm() + self.e * self.sbh() // self.sp)
         rope = 4 * self.e * self.s * self.m.head_dim  # cos and sin, cast to e, saved for Q and for K
-        mlp = 5 * self.e * self.s * self.b * self.m.intermediate_size // self.t
+        # rpo's SwiGLU keeps the fc1 output (gate and up), fc2 its input; megatron's own (TE spec) five tensors.
+        mlp = (3 if self.local else 5) * self.e * self.s * self.b * self.m.intermediate_size // self.t
         return norms_and_inputs + rope + self.attention_kept(recompute) + mlp
 
     def total(self, recompute: str) -> int:
         scored = self.b * (self.s - self.st.prompt_length)
-        mask = self.b * self.s * self.s if self.local else 0
+        mask = 0
+        if self.local:  # one storage for all layers: SDPA's additive mask, or the boolean one a checkpoint keeps
+            mask = (self.e if recompute == "none" else 1) * self.b * self.s * self.s
         return (self.m.num_layers * self.layer(recompute) + self.norm() + self.e * scored * self.m.hidden_size
                 + mask)
 
     def layer_backward(self, recompute: str) -> int:
-        """Recomputed part of one layer plus that layer's activation gradients."""
-        recomputed = {"none": 0, "selective": self.core_attention(),
+        """Recomputed part of one layer plus that layer's activation gradients (SDPA's and flash attention's
+        backward work in blocks: no [b, heads, s, s] gradient)."""
+        recomputed = {"none": 0, "selective": self.core_attention() if self.local else 0,
                       "full": self.layer("none") - self.layer("full")}[recompute]
-        score_grads = 2 * 4 * self.scores() if self.local else 0
-        mlp_grads = 3 * self.e * self.s * self.b * self.m.intermediate_size // self.t
-        return recomputed + max(score_grads, mlp_grads)
+        return recomputed + 3 * self.e * self.s * self.b * self.m.intermediate_size // self.t
 
 
 def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **options) -> MemoryPlan:
@@ -402,8 +397,7 @@ def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **opt
     width = vocab // tp
     scored = 2 * settings.micro_batch_pairs * (settings.max_length - settings.prompt_length)
     chunk_tokens = min(settings.logprob_chunk_size, max(scored, 1))
-    padded = vocab > shape.vocab_size
-    chunk = chunk_tokens * width * (e + (4 if e != 4 else 0) + (4 if padded else 0))
+    chunk = chunk_tokens * width * (e + (4 if e != 4 else 0))
     candidates = {
         "forward tail": e * acts.sbh() + (e * scored * shape.hidden_size if reference else 0) + chunk,
         "output backward": chunk + e * width * shape.hidden_size,
@@ -419,7 +413,7 @@ def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **opt
         step = 4 * optimizer_params if _optimizer_states(settings) else 0
     else:
         step = 4 * largest_param * (2 if settings.optimizer == "adamw" else 1)
-    attention_buffer = e * acts.scores() if (acts.local and settings.device == "cuda") else 0
+    attention_buffer = 0  # megatron's QKᵀ buffer: neither rpo's local (SDPA) nor TE's attention allocates it
     overhead = settings.overhead_bytes
     if overhead is None:
         overhead = DEFAULT_CUDA_OVERHEAD_BYTES if settings.device == "cuda" else 0
