@@ -153,10 +153,11 @@ wheel-cuda:
 	$(CUDA_VENV)/bin/python benchmarks/gpu/wheel_archs.py dist/cuda/rpo-*.whl
 
 # What the GPU machine lacks (it has torch, transformers, sentence-transformers; no registry): megatron-core and
-# datasets with the packages of theirs it does not have, as Python 3.12 manylinux wheels, plus the tokenizer files
+# datasets with the packages of theirs it does not have, trl and accelerate (the trainer_accumulation stage's TRL
+# step; pure-Python wheels), as Python 3.12 manylinux wheels, plus the tokenizer files
 # of the check's models, in GPU_BUNDLE (git-ignored; the device tool's `carry`). See benchmarks/gpu_check.sh.
 GPU_BUNDLE ?= .gpu-bundle
-GPU_WHEELS ?= megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 vaderSentiment==3.3.2
+GPU_WHEELS ?= megatron-core==0.16.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 vaderSentiment==3.3.2 trl==1.16.0 accelerate==1.16.0
 GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
 gpu-wheels: $(VENV)/.deps-installed
 	rm -rf $(GPU_BUNDLE)/wheels

@@ -20,6 +20,10 @@
 #                 each scale option the trainer has: tokens/s, peak memory, MFU (benchmarks/gpu/trainer_check.py)
 #   llama_1b      a 1B-class LLaMA, steps with and without recomputation, --plan beside the measured peak
 #                 (benchmarks/gpu/llama_1b_step.py)
+#   trainer_accumulation  rpo --global-contrast over 2 and 4 micro-batches against the accumulated dpo step for each
+#                 --recompute mode (step time and peak ratios, graphs kept), and TRL's DPO step in bf16 beside rpo's
+#                 (benchmarks/gpu/accumulation_check.py); skipped when less than 60 s of the budget is left
+#                 (GPU_CHECK_STAGE=packages,build,trainer_accumulation runs it alone)
 #   alignment     (GPU_CHECK_STAGE=alignment only) benchmarks/alignment.py $GPU_CHECK_ALIGNMENT_ARGS
 #   frontier      (GPU_CHECK_STAGE=frontier only, default budget 570 s) benchmarks/frontier.py --gpu (>= 10x the CPU
 #                 run's training pairs per run and evaluation samples, 4 points at once) $GPU_CHECK_FRONTIER_ARGS;
@@ -45,7 +49,7 @@ BUNDLE=${GPU_CHECK_BUNDLE:-.gpu-bundle}
 if [ "$DRY_RUN" = 1 ]; then LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-4}; else LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-1}; fi
 DEFAULT_BUDGET_S=450
 case "${GPU_CHECK_STAGE:-proof}" in
-  proof) STAGES="packages build op_tests op_numerics op_benchmark trainer llama_1b" ;;
+  proof) STAGES="packages build op_tests op_numerics op_benchmark trainer llama_1b trainer_accumulation" ;;
   alignment) STAGES="packages build alignment" ;;
   frontier) STAGES="packages build frontier"; DEFAULT_BUDGET_S=570 ;;
   *) STAGES=${GPU_CHECK_STAGE//,/ } ;;
@@ -125,7 +129,7 @@ if selected packages; then
 fi
 
 # The assets (configs, tokenizers, data; no weights): the carried ones, or staged afresh for a dry run.
-if [ -z "${GPU_CHECK_ASSETS:-}" ] && [ "$DRY_RUN" = 1 ] && { selected trainer || selected llama_1b; }; then
+if [ -z "${GPU_CHECK_ASSETS:-}" ] && [ "$DRY_RUN" = 1 ] && { selected trainer || selected llama_1b || selected trainer_accumulation; }; then
   GPU_CHECK_ASSETS=$WORK/assets
   "$PY" benchmarks/gpu/assets.py "$GPU_CHECK_ASSETS" >> "$OUT/env.txt" 2>&1
 fi
@@ -189,6 +193,14 @@ if selected trainer; then
 fi
 if selected llama_1b; then
   stage llama_1b "$(limit_for 120)" "$OUT/llama_1b.log" "$PY" benchmarks/gpu/llama_1b_step.py "$WORK/llama_1b.json"
+fi
+if selected trainer_accumulation; then
+  if [ $(( BUDGET_S - $(elapsed) )) -lt $(( 60 * LIMIT_SCALE )) ]; then
+    record trainer_accumulation skipped 0 0 0
+  else
+    stage trainer_accumulation "$(limit_for 110)" "$OUT/trainer.log" "$PY" benchmarks/gpu/accumulation_check.py \
+      "$WORK/trainer_accumulation.json"
+  fi
 fi
 
 # ---- the alignment benchmark (its own run) ---------------------------------------------------------------------

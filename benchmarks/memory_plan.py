@@ -1,7 +1,7 @@
 """The memory plan (rpo.models.memory_plan) against the measured peak of real training steps, on CPU.
 
 Per configuration, in a fresh process: a tiny random LLaMA/Mistral built by rpo.models.build_gpt_model (megatron-core
-local layers, rpo.models.cpu_compat), wrapped in megatron's DistributedDataParallel with the trainer's
+local layers: rpo.models.local_layers), wrapped in megatron's DistributedDataParallel with the trainer's
 DistributedDataParallelConfig (fp32 gradient buffer), the trainer's optimiser (rpo.train.optim.TrainOptimizer),
 the frozen reference copy when the configuration keeps one, then two trainer-like steps: policy log-probs with
 grad (rpo.models.sequence_logprobs, chunked), reference log-probs without, a DPO loss, backward, gradient sync,
@@ -11,8 +11,7 @@ Measured: the rise of the process's peak resident set over the whole block (mode
 second step) above the resident set before it (benchmarks/_common.PeakMemory, with glibc's malloc caching
 limited so freed tensors leave the resident set). On CPU the Python/torch baseline dwarfs a small model, so only
 the increment is compared, after a warm-up step of a one-layer model has loaded the libraries' lazy state.
-Planned: estimate_memory(..., device="cpu") (no CUDA overhead, CPU torch's composite RMSNorm, per-tensor
-optimiser loops).
+Planned: estimate_memory(..., device="cpu") (no CUDA overhead, per-tensor optimiser loops).
 
 Recomputation: when build_gpt_model has no `recompute` argument yet, megatron's own recompute settings are put
 into the TransformerConfig that rpo.models.gpt builds (recompute_granularity="selective", or "full" with the

@@ -6,18 +6,22 @@ shortened rows of ../shared/data/paired.jsonl. Per world size W (1, 2: gloo rank
 ONE process per rank builds a trainer for each case and runs their steps interleaved (step k of every case, in a
 rotating order, on the same batch k), so slow phases of a shared machine hit all cases alike.
 
-Cases (loss, --global-contrast, micro-batches per rank step):
+Cases (loss, --global-contrast, micro-batches per rank step, options):
   dpo                      the baseline
   rpo                      per-rank contrast matrix, embedding weights (the paper's RPO)
   rpo --global-contrast    one matrix over all ranks' answers
-  dpo, 2 micro-batches     baseline with gradient accumulation
-  rpo --global-contrast, 2 micro-batches  the matrix over ranks and micro-batches (rpo.distributed.TwoPassContrast:
-                           scores without grad first, then a second forward per micro-batch)
+  dpo, A micro-batches[, --recompute R]   the accumulated baseline, A = 2 and 4, R = none (no suffix), selective,
+                           full
+  rpo --global-contrast, A micro-batches[, --recompute R]   the matrix over ranks and micro-batches
+                           (rpo.distributed.TwoPassContrast: every micro-batch's scores first; each micro-batch's
+                           backward through its kept graph, as many as the memory plan fits, or a second forward)
+  rpo --global-contrast, A micro-batches, --keep-graphs 0   every micro-batch re-run (the two-pass path), R = none
 Time: per step, wall time and the process's CPU time (all threads; on a shared machine the CPU time is the stable
 measure of the work a step does, while wall time also counts waiting for a core); medians over --steps steps after
---warmup, the fastest wall time too. Memory: the rise of the peak resident set during a step above the
-resident set before it (the trainer's weights, gradients and optimizer state are resident already), max over steps
-and ranks.
+--warmup, the fastest wall time too. "× DPO, paired" is the median over steps of this case's CPU time on batch k
+divided by its baseline's on batch k, the baseline being dpo with the same micro-batches and --recompute. Memory:
+the rise of the peak resident set during a step above the resident set before it (the trainer's weights,
+gradients and optimizer state are resident already), max over steps and ranks, and its ratio to the baseline's.
 
     .venv/bin/python benchmarks/trainer_step.py [--world-sizes 1 2] [--steps 6] [--out PATH]
 """
@@ -36,15 +40,35 @@ import _common  # noqa: E402
 
 import torch  # noqa: E402
 
-# name, loss, global contrast, micro-batches per rank step
-CASES = [
-    ("dpo", "dpo", False, 1),
-    ("rpo", "rpo", False, 1),
-    ("rpo --global-contrast", "rpo", True, 1),
-    ("dpo, 2 micro-batches", "dpo", False, 2),
-    ("rpo --global-contrast, 2 micro-batches", "rpo", True, 2),
-]
-BASELINE = {1: "dpo", 2: "dpo, 2 micro-batches"}
+RECOMPUTE_MODES = ("none", "selective", "full")
+ACCUMULATION = (2, 4)
+
+
+def accumulated_name(base: str, micro: int, recompute: str = "none", keep_graphs=None) -> str:
+    name = f"{base}, {micro} micro-batches"
+    if recompute != "none":
+        name += f", --recompute {recompute}"
+    if keep_graphs is not None:
+        name += f", --keep-graphs {keep_graphs}"
+    return name
+
+
+# name, loss, global contrast, micro-batches per rank step, further TrainConfig fields
+CASES = [("dpo", "dpo", False, 1, {}), ("rpo", "rpo", False, 1, {}), ("rpo --global-contrast", "rpo", True, 1, {})]
+for _recompute in RECOMPUTE_MODES:
+    for _micro in ACCUMULATION:
+        CASES.append((accumulated_name("dpo", _micro, _recompute), "dpo", False, _micro, dict(recompute=_recompute)))
+        CASES.append((accumulated_name("rpo --global-contrast", _micro, _recompute), "rpo", True, _micro,
+                      dict(recompute=_recompute)))
+        if _recompute == "none":
+            CASES.append((accumulated_name("rpo --global-contrast", _micro, keep_graphs=0), "rpo", True, _micro,
+                          dict(recompute=_recompute, keep_graphs=0)))
+
+
+def baseline_of(case: tuple) -> str:
+    """The dpo case with the same micro-batches and --recompute."""
+    _, _, _, micro, options = case
+    return "dpo" if micro == 1 else accumulated_name("dpo", micro, options.get("recompute", "none"))
 
 
 def _worker(spec: dict) -> dict:
@@ -54,25 +78,8 @@ def _worker(spec: dict) -> dict:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from rpo.train import TrainConfig, Trainer
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    workdir = Path(tempfile.mkdtemp(prefix="rpo-trainer-step-"))
-    trainers = {}
-    for name, loss, global_contrast, micro, *overrides in spec["cases"]:
-        # An optional 5th entry: further TrainConfig fields of the case (recompute, packing, optimizer, ...).
-        options = dict(optimizer=spec.get("optimizer", "rmsprop"), **(overrides[0] if overrides else {}))
-        rank_batch = spec["global_batch"] // world
-        config = TrainConfig(
-            model=spec["model"], dataset=spec["data"], cache_dir=spec["cache"],
-            output_dir=str(workdir / name.replace(" ", "_")), loss=loss, global_contrast=global_contrast,
-            max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
-            global_batch_size=spec["global_batch"], micro_batch_size=rank_batch // micro,
-            lr=5e-7, max_steps=spec["warmup"] + spec["steps"], eval_split_fraction=0.0, save_every=0,
-            save_final=False, progress_bar=False, seed=0, dtype="float32", **options)
-        trainer = Trainer(config)
-        trainer.setup()
-        trainers[name] = trainer
+    trainers = build_trainers(spec, world)
     names = list(trainers)
     records = {name: [] for name in names}
     batches = len(next(iter(trainers.values())).batcher)
@@ -93,7 +100,7 @@ def _worker(spec: dict) -> dict:
                                       "padding_removed": metrics.get("packing/padding_removed")})
     result = {}
     for name in names:
-        steps = records[name]
+        steps, trainer = records[name], trainers[name]
         result[name] = {"median_ms": statistics.median(r["seconds"] for r in steps) * 1e3,
                         "min_ms": min(r["seconds"] for r in steps) * 1e3,
                         "cpu_ms": statistics.median(r["cpu_seconds"] for r in steps) * 1e3,
@@ -107,8 +114,32 @@ def _worker(spec: dict) -> dict:
                         "slots_per_step": statistics.mean(r["slots"] for r in steps),
                         "padding_removed": _mean_or_none([r["padding_removed"] for r in steps]),
                         "resident_mib": _common.resident_bytes() / _common.MIB,
-                        "last_loss": steps[-1]["loss"]}
+                        "last_loss": steps[-1]["loss"], "kept_graphs": trainer.kept_graphs}
     return result
+
+
+def build_trainers(spec: dict, world: int) -> dict:
+    """{case name: a set-up rpo.train.Trainer} for spec["cases"] (in this process, one rank of `world`)."""
+    from rpo.train import TrainConfig, Trainer
+
+    workdir = Path(tempfile.mkdtemp(prefix="rpo-trainer-step-"))
+    trainers = {}
+    for name, loss, global_contrast, micro, *overrides in spec["cases"]:
+        # An optional 5th entry: further TrainConfig fields of the case (recompute, packing, optimizer, ...).
+        options = dict(optimizer=spec.get("optimizer", "rmsprop"))
+        options.update(overrides[0] if overrides else {})
+        rank_batch = spec["global_batch"] // world
+        config = TrainConfig(
+            model=spec["model"], dataset=spec["data"], cache_dir=spec["cache"],
+            output_dir=str(workdir / name.replace(" ", "_")), loss=loss, global_contrast=global_contrast,
+            max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
+            global_batch_size=spec["global_batch"], micro_batch_size=rank_batch // micro,
+            lr=5e-7, max_steps=spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0), eval_split_fraction=0.0,
+            save_every=0, save_final=False, progress_bar=False, seed=0, dtype="float32", **options)
+        trainer = Trainer(config)
+        trainer.setup()
+        trainers[name] = trainer
+    return trainers
 
 
 def padded_slots(batch: dict, micro_batches: int) -> int:
@@ -157,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=128, help="tiny LLaMA width")
     parser.add_argument("--layers", type=int, default=2, help="tiny LLaMA depth")
     parser.add_argument("--model", default=None, help="an HF folder instead of the tiny LLaMA (e.g. SmolLM2)")
-    parser.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
+    parser.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES],
+                        metavar="CASE", help="cases by name (default: all); their baselines are added")
     parser.add_argument("--out", type=Path, default=_common.default_output("trainer_step"))
 
 
@@ -169,7 +201,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                        response_tokens=args.response_tokens)
     # No truncation: every shortened row fits (template tokens included).
     max_length = 4 * (args.prompt_tokens + args.response_tokens)
-    cases = [c for c in CASES if c[0] in args.cases]
+    wanted = set(args.cases) | {baseline_of(c) for c in CASES if c[0] in args.cases}
+    cases = [c for c in CASES if c[0] in wanted]
     cores = os.cpu_count() or 1
     rows = []
     for world in args.world_sizes:
@@ -181,10 +214,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ranks = _common.run_worker(__file__, spec, world_size=world, env=_common.benchmark_env(threads),
                                    timeout=3600)
         print(f"W={world}: {time.perf_counter() - started:.0f} s", flush=True)
-        for name, loss, global_contrast, micro in cases:
+        for case in cases:
+            name, loss, global_contrast, micro, options = case
             per_rank = [r[name] for r in ranks]
             rows.append({"world_size": world, "case": name, "loss": loss, "global_contrast": global_contrast,
-                         "micro_batches": micro, "threads_per_rank": threads,
+                         "micro_batches": micro, "recompute": options.get("recompute", "none"),
+                         "kept_graphs": per_rank[0]["kept_graphs"] if global_contrast and micro > 1 else None,
+                         "baseline": baseline_of(case), "threads_per_rank": threads,
                          "median_ms": max(r["median_ms"] for r in per_rank),  # the slowest rank
                          "min_ms": max(r["min_ms"] for r in per_rank),
                          "cpu_ms": max(r["cpu_ms"] for r in per_rank),
@@ -194,7 +230,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          "step_ms_rank0": per_rank[0]["step_ms"], "step_cpu_ms_rank0": per_rank[0]["step_cpu_ms"]})
     for row in rows:
         baseline = next((r for r in rows if r["world_size"] == row["world_size"]
-                         and r["case"] == BASELINE[row["micro_batches"]]), None)
+                         and r["case"] == row["baseline"]), None)
         if baseline is not None:
             row["time_vs_dpo"] = _common.ratio(row["median_ms"], baseline["median_ms"])
             row["min_time_vs_dpo"] = _common.ratio(row["min_ms"], baseline["min_ms"])
@@ -206,7 +242,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             row["memory_vs_dpo"] = _common.ratio(row["peak_extra_mib"], baseline["peak_extra_mib"])
 
     loss_only = loss_call_times(args.global_batch)
-    columns = [("W", "world_size", ""), ("case", "case", ""), ("threads/rank", "threads_per_rank", ""),
+    columns = [("W", "world_size", ""), ("case", "case", ""), ("kept graphs", "kept_graphs", ""),
+               ("threads/rank", "threads_per_rank", ""),
                ("tokens/step", "tokens_per_step", ".0f"), ("median step ms", "median_ms", ".0f"),
                ("× DPO", "time_vs_dpo", ".2f"), ("fastest step ms", "min_ms", ".0f"),
                ("× DPO", "min_time_vs_dpo", ".2f"), ("CPU ms/step", "cpu_ms", ".0f"),
@@ -220,6 +257,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              f"loss alone (forward + backward, {args.global_batch} pairs, no model): dpo "
              f"{loss_only['dpo_loss_us']:.0f} µs, rpo {loss_only['rpo_loss_us']:.0f} µs"]
     for row in rows:
+        if row["global_contrast"] and row["micro_batches"] > 1 and row.get("paired_cpu_time_vs_dpo") is not None:
+            time_ok = row["paired_cpu_time_vs_dpo"] <= 1.05
+            memory_ok = row["memory_vs_dpo"] is not None and row["memory_vs_dpo"] <= 1.1
+            notes.append(f"goal ≤ 1.05× DPO time, ≤ 1.1× its memory, W={row['world_size']}, {row['case']}: "
+                         f"{row['paired_cpu_time_vs_dpo']:.3f}× CPU time ({'met' if time_ok else 'NOT met'}), "
+                         f"{row['memory_vs_dpo']:.2f}× step peak ({'met' if memory_ok else 'NOT met'})")
         if row["case"] == "rpo" and row.get("cpu_time_vs_dpo") is not None:
             paired = row["paired_cpu_time_vs_dpo"]
             notes.append(f"goal RPO ≤ 1.02× DPO, W={row['world_size']}: CPU time per step {paired:.3f}× (median of "

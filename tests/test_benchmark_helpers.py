@@ -1,5 +1,5 @@
-"""The pure helpers of the scale benchmarks (benchmarks/scale_memory.py, packing_throughput.py, trainer_step.py)
-and the CPU peak-memory measure they share (benchmarks/_common.PeakMemory)."""
+"""The pure helpers of the scale benchmarks (benchmarks/scale_memory.py, packing_throughput.py, trainer_step.py,
+trl_dpo.py) and the CPU peak-memory measure they share (benchmarks/_common.PeakMemory)."""
 from __future__ import annotations
 
 import sys
@@ -14,6 +14,7 @@ import _common  # noqa: E402
 import packing_throughput  # noqa: E402
 import scale_memory  # noqa: E402
 import trainer_step  # noqa: E402
+import trl_dpo  # noqa: E402
 
 
 def _mask(*lengths: int, width: int | None = None) -> torch.Tensor:
@@ -41,6 +42,30 @@ def test_padded_slots_trims_each_micro_batch_to_its_longest_row():
     assert trainer_step.padded_slots(batch, 1) == 4 * 5
     # micro-batch 1: chosen 0 and rejected 0 (lengths 2, 3); micro-batch 2: lengths 5, 1
     assert trainer_step.padded_slots(batch, 2) == 2 * 3 + 2 * 5
+
+
+def test_every_trainer_step_case_has_its_dpo_baseline():
+    """Each global-contrast case over micro-batches is compared with dpo at the same micro-batches and
+    --recompute: each recompute mode × 2 and 4 micro-batches, plus the all-re-run (--keep-graphs 0) cases."""
+    cases = {case[0]: case for case in trainer_step.CASES}
+    accumulated = [case for case in trainer_step.CASES if case[2] and case[3] > 1]
+    assert {(case[3], case[4]["recompute"]) for case in accumulated} == {
+        (micro, mode) for micro in (2, 4) for mode in ("none", "selective", "full")}
+    for name, loss, global_contrast, micro, options in accumulated:
+        baseline = cases[trainer_step.baseline_of(cases[name])]
+        assert baseline[1] == "dpo" and not baseline[2] and baseline[3] == micro
+        assert baseline[4]["recompute"] == options["recompute"] and "keep_graphs" not in baseline[4]
+    assert trainer_step.baseline_of(cases["rpo"]) == "dpo"
+    assert sum(case[4].get("keep_graphs") == 0 for case in accumulated) == 2
+
+
+def test_trl_lengths_option():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert trl_dpo._lengths(["32+32", "64+192"], parser) == [(32, 32), (64, 192)]
+    with pytest.raises(SystemExit):
+        trl_dpo._lengths(["256"], parser)
 
 
 def test_memory_ratios_over_the_trl_row():

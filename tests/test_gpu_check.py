@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
 import check_common  # noqa: E402
 import write_summary  # noqa: E402
 
-PROOF_STAGES = {"packages", "build", "op_tests", "op_numerics", "op_benchmark", "trainer", "llama_1b"}
+PROOF_STAGES = {"packages", "build", "op_tests", "op_numerics", "op_benchmark", "trainer", "llama_1b",
+                "trainer_accumulation"}
 
 
 def dry_run(out: Path, **env) -> subprocess.CompletedProcess:
@@ -89,6 +90,20 @@ def test_dry_run_figures_come_from_the_runs(proof):
     if {"recompute", "packing", "distributed_optimizer"} <= set(TrainConfig.field_names()):
         combined = [name for name in trainer["cases"] if name.startswith("rpo --global-contrast recompute=")]
         assert combined and trainer["cases"][combined[0]]["status"] == "passed", trainer["cases"].keys()
+    accumulation = result["stages"]["trainer_accumulation"]["figures"]["cases"]
+    for mode in ("none", "full"):
+        contrast = accumulation[f"accumulation: rpo --global-contrast, 2 micro-batches, recompute {mode}"]
+        dpo = accumulation[f"accumulation: dpo, 2 micro-batches, recompute {mode}"]
+        assert contrast["status"] == dpo["status"] == "passed", (contrast, dpo)
+        assert contrast["kept_graphs"] == 2 and contrast["time_vs_dpo"] > 0 and dpo["tokens_per_s"] > 0
+    trl = accumulation["trl"]
+    try:
+        import trl as _trl  # noqa: F401
+    except ImportError:
+        assert trl["status"] == "not available", trl
+    else:
+        assert trl["status"] == "passed", trl
+        assert trl["rpo"]["tokens_per_s"] > 0 and trl["trl"]["tokens_per_s"] > 0 and trl["rpo_speed_vs_trl"] > 0
     numerics = result["stages"]["op_numerics"]["figures"]
     assert numerics["extension"] and numerics["native_kernel"]
     assert {c["status"] for c in numerics["cases"].values()} == {"passed"}

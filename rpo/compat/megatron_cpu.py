@@ -342,6 +342,25 @@ def _patch_type_checks():
                 module.clip_grad_by_total_norm_fp32 = wrapped
 
 
+def _scale_in_place(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's local_multi_tensor_scale (dst.copy_(src * scale)) without a temporary per tensor when src is dst
+    (gradient clipping scales the gradients in place): the same values, one pass instead of an allocation and two."""
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src is dst:
+            dst.mul_(scale)
+        else:
+            dst.copy_(src * scale)
+
+
+def _patch_local_scale():
+    # Without apex / Transformer Engine (always on a CPU) clip_grads falls back to local_multi_tensor_scale.
+    clip_grads = _import("megatron.core.optimizer.clip_grads")
+    utils = _import("megatron.core.utils")
+    local = getattr(utils, "local_multi_tensor_scale", None) if utils is not None else None
+    if clip_grads is not None and local is not None and getattr(clip_grads, "multi_tensor_scale_impl", None) is local:
+        clip_grads.multi_tensor_scale_impl = _scale_in_place
+
+
 def megatron_core_version() -> str:
     return importlib.metadata.version("megatron-core")
 
@@ -376,6 +395,7 @@ def apply(force: bool = False) -> bool:
     random._set_cuda_rng_state = _cpu_set_rng_state
     _patch_type_checks()
     _patch_moe_host_copies()
+    _patch_local_scale()
     _applied = True
     logger.debug("megatron_cpu: redirected %d megatron-core modules to the CPU", len(_patched_modules))
     return True

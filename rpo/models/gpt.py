@@ -1,8 +1,9 @@
 """A megatron-core GPTModel built from a Hugging Face config: LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (text),
 Mixtral and Qwen3-MoE (rpo.models.architectures lists what each family needs and what is refused).
 
-The local (pure megatron-core) layer spec is used, with rpo's modules (rpo.models.layers) where a family needs
-what megatron-core does not have; Transformer Engine's spec is used when it is importable and the family needs
+The local layer spec is megatron-core's local layer with rpo's lean modules (rpo.models.local_layers: RMSNorm,
+SwiGLU and SDPA attention that keep less for backward, same values) and, where a family needs what megatron-core
+does not have, rpo.models.layers'; Transformer Engine's spec is used when it is importable and the family needs
 none of rpo's modules (LLaMA, Mistral, Qwen2, Qwen3). RoPE frequencies are transformers' own (set on megatron's
 rotary embedding after it is built). The vocabulary is padded to a multiple of `vocab_divisible_by · TP`
 (megatron's convention); rpo.models.logprobs masks the padding out of log-probs. Mixture-of-experts layers are
@@ -198,7 +199,8 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     Transformer Engine's layer spec when it is importable and the family needs no rpo module, else the local
     spec. `recompute`: activation recomputation, one of RECOMPUTE_MODES (see recompute_settings).
     `sequence_parallel`: megatron's sequence parallelism (needs TP > 1): the norms and residual stream of each
-    layer hold T/TP positions per rank; with the local spec its norms are rpo.models.layers.TorchRMSNorm. Every
+    layer hold T/TP positions per rank; with the local spec its norms (rpo.models.local_layers.RMSNorm, or Gemma's) mark their weights for
+    megatron's TP gradient sum. Every
     rpo forward (forward_hidden_states, hidden_states_with_mask, full_logits) pads T to a multiple of TP and
     returns all T positions. Expert parallelism is megatron's parallel state's (rpo.models.init_parallel).
     `moe_aux_loss_coeff`: the load-balancing loss's weight (None: the config's router_aux_loss_coef).
@@ -257,6 +259,10 @@ def build_gpt_model(hf_config, tp_size: int | None = None, dtype: torch.dtype = 
     model.rotary_pos_emb.inv_freq = model_rope.inv_freq.clone()
     if arch.embedding_scale is not None:
         model.embedding.register_forward_hook(_scale_embeddings(arch.embedding_scale))
+    if not use_te:
+        from rpo.models.local_layers import finish_local_model
+
+        finish_local_model(model)
     _mark_tensor_parallel(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -2,19 +2,16 @@
 
 Each module computes what transformers computes, written against megatron-core 0.16's module interfaces:
 
-- `TorchRMSNorm`: torch.nn.RMSNorm (what the local spec's WrappedTorchNorm builds) that also works with sequence
-  parallelism: WrappedTorchNorm asserts `not config.sequence_parallel`. A norm acts on each position alone, so on
-  T/TP positions it is exact; only its weight's gradient is partial, which megatron's `finalize_model_grads`
-  sums over the TP group for weights tagged `sequence_parallel` (as megatron's fused norms tag them).
 - `ZeroCenteredRMSNorm`: Gemma's RMSNorm, x / rms(x) · (1 + w) in float32, w stored as in the checkpoint.
 - `RowParallelLinearWithPostNorm`: a row-parallel output projection followed by a norm of its (reduced) output:
   Gemma 3's post-attention and post-feedforward norms, applied before the residual add.
-- `WindowedDotProductAttention`: the local DotProductAttention with this layer's own sliding window (added to the
-  explicit mask every rpo forward passes) and softmax scale.
+- `WindowedDotProductAttention`: rpo's SDPA attention (rpo.models.local_layers) with this layer's own sliding
+  window (added to the explicit mask every rpo forward passes) and softmax scale.
 - `OwnRopeSelfAttention`: a SelfAttention whose RoPE uses this layer's frequencies instead of the model's (Gemma
   3's sliding layers use another θ than its global layers).
 
-`local_block_spec` assembles them per layer from an `Architecture` (rpo.models.architectures).
+`local_block_spec` assembles them per layer from an `Architecture` (rpo.models.architectures), with the lean
+RMSNorm and SDPA attention of rpo.models.local_layers wherever the family has no module of its own.
 """
 from __future__ import annotations
 
@@ -25,27 +22,15 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from rpo.models.architectures import Architecture, Rope
+from rpo.models.local_layers import RMSNorm, SDPAttention
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """transformers' "gelu_pytorch_tanh" (Gemma's GeGLU activation)."""
     return F.gelu(x, approximate="tanh")
-
-
-class TorchRMSNorm:
-    """torch.nn.RMSNorm with the config's ε, its weight tagged with megatron's `sequence_parallel` attribute."""
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
-        if config.normalization != "RMSNorm":
-            raise ValueError(f"TorchRMSNorm builds RMSNorm only, got {config.normalization!r}")
-        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return norm
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
@@ -79,8 +64,8 @@ class RowParallelLinearWithPostNorm(RowParallelLinear):
         return self.post_norm(output), None
 
 
-class WindowedDotProductAttention(DotProductAttention):
-    """DotProductAttention with a per-layer sliding window and softmax scale.
+class WindowedDotProductAttention(SDPAttention):
+    """SDPAttention with a per-layer sliding window and softmax scale.
 
     window W (HF semantics): query q sees key k only if q − W < k (and whatever the given mask allows: causal,
     padding, packed segments). The given mask is megatron's boolean [R, 1, T, T] (True = masked).
@@ -129,13 +114,12 @@ def uniform_softmax_scale(arch: Architecture) -> float | None:
 
 
 def local_block_spec(arch: Architecture, config, base_layer_spec):
-    """megatron's local layer spec, or — when the architecture or sequence parallelism needs rpo's modules — a
-    TransformerBlock spec with one layer spec per layer (norms, post-norms, windows, RoPE, the MoE router)."""
+    """A TransformerBlock spec of megatron's local layers, one spec per layer: rpo's lean RMSNorm and SDPA attention
+    (rpo.models.local_layers), and what the architecture needs (Gemma's norms and post-norms, per-layer windows,
+    scales and RoPE, the MoE router)."""
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
-    if not (arch.needs_local_spec or config.sequence_parallel):
-        return base_layer_spec
-    norm = ZeroCenteredRMSNorm if arch.zero_centered_norms else TorchRMSNorm
+    norm = ZeroCenteredRMSNorm if arch.zero_centered_norms else RMSNorm
     per_layer_attention = not arch.uniform_window or uniform_softmax_scale(arch) is None
     model_rope = arch.rope[model_rope_type(arch)]
     layers = []
@@ -151,6 +135,8 @@ def local_block_spec(arch: Architecture, config, base_layer_spec):
                 module=WindowedDotProductAttention,
                 params={"window": None if arch.uniform_window else arch.layer_window(i),
                         "layer_softmax_scale": arch.softmax_scale(i)}))
+        else:
+            attn_sub = dataclasses.replace(attn_sub, core_attention=SDPAttention)
         if arch.post_norms:
             attn_sub = dataclasses.replace(attn_sub, linear_proj=ModuleSpec(
                 module=RowParallelLinearWithPostNorm, params={"post_norm": norm}))

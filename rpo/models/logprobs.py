@@ -5,11 +5,14 @@ where input_ids[r, t] is a response token; its log-prob is log p(input_ids[r, t]
 All R rows (chosen then rejected) go through one forward.
 
 Memory: the decoder's final hidden states are computed once; the response positions are gathered and pushed
-through the output layer in chunks of `chunk_size` tokens along the sequence, each chunk's fp32 logits feeding
-megatron's vocab-parallel cross-entropy and being freed at once. Under autograd each chunk is checkpointed
-(non-reentrant, so the output weight's gradient still arrives once per backward, as megatron's DDP requires) and
-recomputed in backward. Peak log-prob memory is O(chunk_size × padded_vocab / TP), never the whole batch's logits.
-Padded vocabulary columns are set to the float32 minimum before the softmax, so they carry no probability.
+through the output layer (this rank's vocabulary shard) in chunks of `chunk_size` tokens along the sequence, each
+chunk's fp32 logits reduced at once to the target's log-prob with megatron's vocab-parallel cross-entropy
+arithmetic, and freed. One autograd function does all chunks (`_ChunkedTokenLogProbs`): between forward and
+backward it keeps the selected hidden states and two floats per token (max logit, Σexp), and its backward
+recomputes each chunk's logits with one matmul and turns them into their gradient in place (the output weight's
+gradient arrives once per backward, as megatron's DDP requires). Peak log-prob memory is O(chunk_size ×
+padded_vocab / TP), never the whole batch's logits. Padded vocabulary columns are set to the float32 minimum
+before the softmax, so they carry no probability.
 With megatron sequence parallelism the decoder's output (T/TP positions per rank) is gathered along the sequence
 first (rpo.models.gpt.hidden_states_with_mask), so the same positions and chunks are scored on every TP rank.
 """
@@ -19,7 +22,6 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from rpo.models import gpt as gpt_lib
 
@@ -110,39 +112,122 @@ def response_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_
     return torch.cat([logp.new_zeros(logp.shape[0], 1), logp], dim=1) * loss_mask
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, output_layer, weight, vocab_size: int):
-    # output_layer (ColumnParallelLinear) wants [s, b, h]; one "batch" column of n selected positions, taken from
-    # states every TP rank holds in full (with sequence parallelism too: gpt.hidden_states_with_mask gathers them).
-    # Inside the checkpointed function, so that the recomputation in backward runs the layer the same way.
-    with gpt_lib.output_layer_on_gathered_states(output_layer):
-        logits, _ = output_layer(hidden.unsqueeze(1), weight=weight)
-    return vocab_parallel_token_logprobs(logits, targets.unsqueeze(1), vocab_size).squeeze(1)
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log p(target) of n selected positions through the (vocab-parallel) output layer, `chunk` tokens at a time.
+
+    The arithmetic is megatron's vocab-parallel cross-entropy, op for op (max, subtract, exp, sum, log; the
+    backward (softmax − onehot) · (−g) and the output layer's two matmuls), so the values are those of
+    `output_layer` + `vocab_parallel_token_logprobs`. What differs is what is kept: per token only its max logit
+    and Σexp (no [n, vocab] tensor between forward and backward), and the forward computes no softmax. The backward
+    recomputes each chunk's logits (one matmul) and turns them into the logits' gradient in place. `hidden` must
+    already be in the tensor-parallel region (its gradient here is this rank's vocabulary shard's part).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size: int, chunk: int):
+        pieces, maxima, sums = [], [], []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _masked_logits(hidden[start:start + chunk], weight, vocab_size)
+            target_logits, logits_max, sum_exp = _vocab_parallel_statistics(logits, targets[start:start + chunk])
+            pieces.append(target_logits - torch.log(sum_exp))
+            maxima.append(logits_max)
+            sums.append(sum_exp)
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(maxima), torch.cat(sums))
+        ctx.vocab_size, ctx.chunk = vocab_size, chunk
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, targets, logits_max, sum_exp = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        start_column, width = _vocab_shard(weight.shape[0])
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, hidden.shape[0])
+            softmax = _masked_logits(hidden[start:end], weight, ctx.vocab_size)
+            softmax -= logits_max[start:end].unsqueeze(-1)
+            torch.exp(softmax, out=softmax)
+            softmax.div_(sum_exp[start:end].unsqueeze(-1))
+            # megatron's _VocabParallelCrossEntropy.backward: (softmax − onehot) · dloss, dloss = −dlogp
+            local = targets[start:end] - start_column
+            mine = (local >= 0) & (local < width)
+            rows = torch.arange(end - start, device=softmax.device)
+            softmax[rows, local.clamp(0, width - 1)] -= mine.float()
+            softmax.mul_(-grad_logp[start:end].unsqueeze(-1))
+            grad_logits = softmax.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits.matmul(weight)
+            if ctx.needs_input_grad[1]:
+                part = grad_logits.t().matmul(hidden[start:end])
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _vocab_shard(width: int) -> tuple[int, int]:
+    """(first global vocabulary column, columns) of this tensor-parallel rank's `width`-column shard."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank() * width, width
+
+
+def _masked_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 logits [n, V/TP] of this rank's shard; padded vocabulary columns at the float32 minimum."""
+    logits = hidden.matmul(weight.t()).float()
+    start, width = _vocab_shard(weight.shape[0])
+    valid = min(max(vocab_size - start, 0), width)
+    if valid < width:
+        logits[:, valid:] = torch.finfo(torch.float32).min
+    return logits
+
+
+def _vocab_parallel_statistics(logits: torch.Tensor, targets: torch.Tensor):
+    """(target logit − max, max, Σ exp(logit − max)) over the whole vocabulary (all-reduced over TP), as megatron's
+    vocab-parallel cross-entropy computes them; overwrites `logits`."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size() > 1
+    logits_max = logits.max(dim=-1)[0]
+    if tensor_parallel:
+        torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    logits -= logits_max.unsqueeze(-1)
+    start, width = _vocab_shard(logits.shape[-1])
+    local = targets - start
+    mine = (local >= 0) & (local < width)
+    target_logits = logits[torch.arange(logits.shape[0], device=logits.device), local.clamp(0, width - 1)]
+    target_logits = torch.where(mine, target_logits, torch.zeros_like(target_logits))
+    torch.exp(logits, out=logits)
+    sum_exp = logits.sum(dim=-1)
+    if tensor_parallel:
+        torch.distributed.all_reduce(target_logits, group=group)
+        torch.distributed.all_reduce(sum_exp, group=group)
+    return target_logits, logits_max, sum_exp
 
 
 def logprobs_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                          chunk_size: int = DEFAULT_CHUNK_SIZE, return_token_logprobs: bool = True
                          ) -> SequenceLogProbs:
     """Response-token log-probs from final hidden states [T, R, h] (see module docstring for the chunking)."""
+    from megatron.core import parallel_state, tensor_parallel
+
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     gpt = gpt_lib.unwrap(model)
     vocab_size = gpt_lib.model_info(gpt).vocab_size
     weight = gpt_lib.output_weight(gpt)
-    layer_dtype = (weight if weight is not None else gpt.output_layer.weight).dtype
+    weight = weight if weight is not None else gpt.output_layer.weight
     rows = input_ids.shape[0]
     scored = loss_mask[:, 1:].t()  # [T-1, R]: position t+1 is predicted from hidden state t
-    selected = hidden[:-1][scored].to(layer_dtype)  # [n, h], in sequence order
+    selected = hidden[:-1][scored].to(weight.dtype)  # [n, h], in sequence order
     targets = input_ids[:, 1:].t()[scored]
-    use_checkpoint = torch.is_grad_enabled() and selected.requires_grad
-    pieces = []
-    for start in range(0, selected.shape[0], chunk_size):
-        args = (selected[start:start + chunk_size], targets[start:start + chunk_size], gpt.output_layer, weight,
-                vocab_size)
-        if use_checkpoint:
-            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
-        else:
-            pieces.append(_chunk_logprobs(*args))
-    logp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if selected.shape[0] == 0:
+        logp = hidden.new_zeros(0, dtype=torch.float32)
+    else:
+        if parallel_state.get_tensor_model_parallel_world_size() > 1 and torch.is_grad_enabled():
+            # As the output layer (ColumnParallelLinear) does: the states are replicated over TP, so the
+            # gradient of each rank's vocabulary shard is summed over TP in backward.
+            selected = tensor_parallel.copy_to_tensor_model_parallel_region(selected)
+        logp = _ChunkedTokenLogProbs.apply(selected, weight, targets, vocab_size, chunk_size)
     per_token = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, logp)
     token_logprobs = None
     if return_token_logprobs:

@@ -28,49 +28,46 @@ Persistent bytes, N = parameters on this GPU:
     reference       e·N            a frozen copy, unless its log-probs are precomputed (or the loss needs none)
 
 Activations kept from forward to backward, per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation
-in Large Transformer Models", redone for RMSNorm, SwiGLU, GQA, RoPE, no dropout, and for what megatron-core's
-local layers actually save):
-    norms           2·(r·s·b·h + 4·s·b) / sp   r bytes per element an RMSNorm saves besides its fp32 1/rms: e when
-                                       fused (CUDA torch, TE), 8 with CPU torch's composite rms_norm (fp32 input
-                                       and fp32 x/rms, in bf16 runs too)
+in Large Transformer Models", redone for RMSNorm, SwiGLU, GQA, RoPE, no dropout, and for what the layers actually
+save: "local" is rpo's local spec, rpo.models.local_layers; "flash" Transformer Engine's):
+    norms           2·e·s·b·h / sp       each RMSNorm's input (local: 1/rms is recomputed in backward; TE also keeps
+                                         the fp32 1/rms, + 2·4·s·b / sp)
     RoPE            4·e·s·d            cos and sin, saved for Q and for K
     linear inputs   2·e·s·b·h / sp     QKV and gate+up inputs (with sp: the sequence shard, re-gathered in backward)
-    attention, local (unfused DotProductAttention)
-                    e·s·b·d·(a + a + v) / t     Q and the repeated K (saved by QKᵀ), V (v = a repeated when a > g;
-                                                with a = g the V view keeps the whole fused QKV output, v = a+2g)
-                  + (4 + e·[e≠4])·b·a·s² / t    fp32 softmax output (+ its bf16 copy that P·V saves)
-                  + e·s·b·a·d / t               context, the output projection's input
-    attention, flash (TE fused)
-                    e·s·b·d·(2a + 2g) / t + 4·b·a·s / t     Q, K, V, output and the softmax statistics
-    SwiGLU MLP      5·e·s·b·f / t      gate+up output (kept by silu's view of the gate), silu(gate), up + 0
-                                       (megatron's glu_linear_offset makes a new tensor), and the down input
-                                       (GeGLU, Gemma 3: the same)
+    attention, SDPA (rpo's local spec) or flash (TE fused)
+                    e·s·b·d·(2a + 2g) / t + 4·b·a·s / t     Q, K, V (unrepeated), output (also the output
+                                                            projection's input), per-row log-sum-exp
+    SwiGLU MLP      3·e·s·b·f / t      local: the fc1 output (gate and up) and the fc2 input; megatron's own
+                                       activation (TE spec, Gemma 3's GeGLU): 5·e·s·b·f / t (+ silu(gate), up + 0,
+                                       the gate's view)
     MoE MLP         8·s·b·E / sp + e·s·b·k·h + 6·e·s·b·k·f_e / t    the router's two fp32 softmaxes (routing and the
                                        load-balancing loss), each token's k expert copies (the experts' input) and
-                                       the experts' gated MLPs over those s·b·k tokens (+ the routing probabilities
-                                       applied to the intermediate activations); assumes balanced routing
-    q/k norms       (r + e)·s·b·(a+g)·d / t + 4·s·b·(a+g) / t   the norm's input copy, its output (kept by RoPE) and
-                                       1/rms (selective recomputation: r instead of r + e)
-    Gemma's norms   its four (1 + w) RMSNorms are rpo's modules of torch ops: r = 8 on every device
-With selective recomputation (megatron's core_attn) the attention keeps only the core attention's inputs and
-output: e·s·b·d·(a + g + a+2g + a) / t (Q and K after RoPE, V's view keeping the fused QKV output, context) — or
-e·s·b·d·(2a+2g)/t for flash. With full recomputation (uniform, one layer per checkpoint) a layer keeps its input,
-e·s·b·h / sp. Besides the layers: the final norm (r·s·b·h / sp), the response hidden states (e·n·h, the chunked
-log-probs' checkpoint input) and, with local attention, the boolean mask (b·s² bytes).
+                                       the experts' gated MLPs over those s·b·k tokens (megatron's activation with
+                                       the routing probabilities applied); assumes balanced routing
+    q/k norms       (r + e)·s·b·(a+g)·d / t   the norm's input copy and its output (kept by RoPE), + 4·s·b·(a+g)/t
+                                       for norms that keep the fp32 1/rms; selective recomputation: r instead of
+                                       r + e, and for rpo's lean norm only the query's input, e·s·b·a·d / t (the
+                                       key's is a view of the fused QKV output the checkpoint keeps)
+    Gemma's norms   its four (1 + w) RMSNorms are rpo's modules of torch ops: r = 8 bytes per element (fp32 input
+                    and x/rms) + the fp32 1/rms per token, on every device
+With selective recomputation (megatron's core_attn) the local attention keeps only the core attention's inputs
+and output: e·s·b·d·(a + g + a+2g + a) / t (Q and K after RoPE, V's view keeping the fused QKV output, context) —
+or e·s·b·d·(2a+2g)/t for flash. With full recomputation (uniform, one layer per checkpoint) a layer keeps its
+input, e·s·b·h / sp. Besides the layers: the final norm, the response hidden states (e·n·h, the chunked log-probs'
+checkpoint input) and, with local attention, one mask for all layers: SDPA's additive one (e·b·s²) or, under
+recomputation, the boolean one the checkpoints keep (b·s²).
 
 Working sets on top of the activations (the largest counts; `working` is it minus the log-prob chunk):
-    log-prob chunk      c·(V/t)·(e + 4·[e≠4] + 4·[vocabulary padded])  logits, their fp32 copy, the padding-masked
-                        copy (megatron's cross-entropy then works in place)
+    log-prob chunk      c·(V/t)·(e + 4·[e≠4])  logits and their fp32 copy (padding masked, softmax and gradient
+                        computed in place: rpo.models.logprobs)
     forward tail        e·s·b·h + chunk (+ e·n·h with a reference model, whose forward runs after the policy's)
     output backward     chunk + e·(V/t)·h     the output layer's weight gradient before DDP adds it to main_grad
     layer backward      the recomputed part of one layer (none: 0; selective: the core attention; full: the whole
-                        layer) + that layer's activation gradients (local attention: two fp32 b·a·s²/t score
-                        gradients; MLP: 3·e·s·b·f/t)
+                        layer) + that layer's activation gradients (MLP: 3·e·s·b·f/t; SDPA and flash attention
+                        work in blocks)
     optimizer step      (no activations then) one fp32 copy of the optimizer's parameters (the foreach
                         RMSprop/AdamW sqrt, torch's default on CUDA) or of the largest one (the per-tensor loop,
                         torch's default on CPU or with foreach=False; AdamW: two)
-    attention buffer    e·b·a·s²/t: megatron's GlobalMemoryBuffer for QKᵀ, allocated once and kept (CUDA only:
-                        on CPU its pages are never written, so never resident)
 Peak = persistent + overhead + max(activations + log-prob chunk + working, optimizer step).
 Not modelled: pipeline and context parallelism (the trainer runs TP × DP (× EP) only), packing, fragmentation,
 imbalanced expert routing (a rank's experts may receive more than s·b·k/x tokens' share).
@@ -111,6 +108,7 @@ class ModelShape:
     qk_norm: bool = False  # Qwen3, Gemma 3
     norms_per_layer: int = 2  # Gemma 3: 4 (post-attention and post-feedforward norms)
     composite_norms: bool = False  # Gemma's (1 + w) RMSNorm is rpo's own module of torch ops, never fused
+    activation: str = "silu"  # the gated MLP's: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
     num_experts: int = 0  # mixture of experts: every layer's MLP is E experts of expert_intermediate_size
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
@@ -141,6 +139,7 @@ class ModelShape:
                    intermediate_size=arch.ffn_hidden_size, vocab_size=arch.vocab_size,
                    tie_word_embeddings=arch.tied_embeddings, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm,
                    norms_per_layer=4 if arch.post_norms else 2, composite_norms=arch.zero_centered_norms,
+                   activation=arch.activation,
                    num_experts=moe.num_experts if moe else 0, experts_per_token=moe.top_k if moe else 0,
                    expert_intermediate_size=moe.ffn_hidden_size if moe else 0)
 
@@ -396,9 +395,10 @@ class _Activations:
         self.sp = settings.tensor_parallel if settings.sequence_parallel else 1
         self.b = 2 * settings.micro_batch_pairs
         self.s = settings.max_length
-        # CPU torch's composite rms_norm saves its fp32 input and fp32 x·rstd, in fp32 and bf16 runs alike; so does
-        # Gemma's (1 + w) norm (rpo's module of torch ops) on any device.
-        self.norm_bytes = 8 if (settings.device != "cuda" or shape.composite_norms) else self.e
+        # Gemma's (1 + w) norm (rpo's module of torch ops) saves its fp32 input and fp32 x·rstd, and the fp32 1/rms
+        # per token; rpo's lean RMSNorm (local spec) only its input; TE's its input and the fp32 1/rms.
+        self.norm_bytes = 8 if shape.composite_norms else self.e
+        self.norm_keeps_rstd = shape.composite_norms or settings.attention != "local"
         self.local = settings.attention == "local"
         self.k = shape.experts_per_token
 
@@ -406,8 +406,9 @@ class _Activations:
         return self.s * self.b * self.m.hidden_size
 
     def norm(self) -> int:
-        """What one RMSNorm saves: its input (r bytes per element) and the fp32 1/rms per token."""
-        return (self.norm_bytes * self.sbh() + 4 * self.s * self.b) // self.sp
+        """What one RMSNorm saves: its input (rpo's lean RMSNorm recomputes 1/rms in backward), in fp32 with x/rms
+        for Gemma's (1 + w) norm; the fp32 1/rms per token too for TE's and Gemma's."""
+        return (self.norm_bytes * self.sbh() + (4 * self.s * self.b if self.norm_keeps_rstd else 0)) // self.sp
 
     def scores(self) -> int:
         """Elements of one layer's attention scores on this rank, b·a·s²/t."""
@@ -418,32 +419,36 @@ class _Activations:
         return self.s * self.b * count * self.m.head_dim // self.t
 
     def core_attention(self) -> int:
-        """What the local core attention saves beyond its inputs (dropped by selective recomputation)."""
+        """What the core attention saves beyond its inputs (dropped by selective recomputation): SDPA (rpo's local
+        spec) and TE's flash attention keep Q, K and V unrepeated, the output and the fp32 log-sum-exp per row."""
         a, g = self.m.num_heads, self.m.num_kv_heads
-        if not self.local:
-            return 0  # flash attention keeps only its inputs, output and per-row statistics
-        value_heads = a if a > g else a + 2 * g
-        return self.e * self._heads(a + a + value_heads) + (4 + (self.e if self.e != 4 else 0)) * self.scores()
+        return self.e * self._heads(2 * a + 2 * g) + 4 * self.b * a // self.t * self.s
 
     def attention_kept(self, recompute: str) -> int:
         a, g = self.m.num_heads, self.m.num_kv_heads
         if not self.local:
-            return self.e * self._heads(2 * a + 2 * g) + 4 * self.b * a // self.t * self.s
+            return self.core_attention()
         if recompute == "selective":
-            # Q and K after RoPE are new tensors; V is a view of the fused QKV output, which it keeps whole.
+            # The checkpoint's inputs: Q and K after RoPE are new tensors, V is a view of the fused QKV output,
+            # which it keeps whole; and its output, the projection's input.
             return self.e * self._heads(a + g + (a + 2 * g) + a)
-        return self.core_attention() + self.e * self._heads(a)  # + the context (the projection's input)
+        # SDPA returns its output in [b, s, heads, d] memory order: the projection's input is the same storage.
+        return self.core_attention()
 
     def qk_norms(self, recompute: str) -> int:
         """What the q/k norms keep: like every norm, r bytes per element of their input (the query and key heads,
-        copied out of the fused QKV output) and the fp32 1/rms per head and token, plus, without recomputation,
-        their output (e bytes, kept by RoPE's products). Measured on CPU (fp32): 12 bytes per element without
-        recomputation; about 7 with selective recomputation, which r = 8 overestimates by ~3 % of the total."""
+        copied out of the fused QKV output) (and the fp32 1/rms per head and token where the norm keeps it), plus,
+        without recomputation, their output (e bytes, kept by RoPE's products)."""
         if not self.m.qk_norm:
             return 0
         heads = self.m.num_heads + self.m.num_kv_heads
+        if recompute == "selective" and not self.norm_keeps_rstd:
+            # rpo's lean norm keeps its input: the query's is a copy, the key's a view of the fused QKV output that
+            # the core attention's checkpoint keeps anyway (measured on CPU, float32).
+            return self.e * self._heads(self.m.num_heads)
         per_element = self.norm_bytes + (self.e if recompute == "none" else 0)
-        return per_element * self._heads(heads) + 4 * self.s * self.b * heads // self.t
+        rstd = 4 * self.s * self.b * heads // self.t if self.norm_keeps_rstd else 0
+        return per_element * self._heads(heads) + rstd
 
     def mlp(self) -> int:
         """The MLP's kept activations: SwiGLU/GeGLU over s·b tokens, or (MoE) the router's fp32 softmaxes (the
@@ -451,7 +456,10 @@ class _Activations:
         experts' gated MLPs over those s·b·k tokens."""
         m = self.m
         if not m.is_moe:
-            return 5 * self.e * self.s * self.b * m.intermediate_size // self.t
+            # rpo's SwiGLU (local spec) keeps the fc1 output (gate and up), fc2 its input; megatron's own
+            # activation (TE spec, GeGLU) five tensors.
+            kept = 3 if self.local and m.activation == "silu" else 5
+            return kept * self.e * self.s * self.b * m.intermediate_size // self.t
         routed = self.s * self.b * self.k
         router = 2 * 4 * self.s * self.b * m.num_experts // self.sp
         return router + self.e * routed * m.hidden_size + 6 * self.e * routed * m.expert_intermediate_size // self.t
@@ -470,16 +478,18 @@ class _Activations:
 
     def total(self, recompute: str) -> int:
         scored = self.b * (self.s - self.st.prompt_length)
-        mask = self.b * self.s * self.s if self.local else 0
+        mask = 0
+        if self.local:  # one storage for all layers: SDPA's additive mask, or the boolean one a checkpoint keeps
+            mask = (self.e if recompute == "none" else 1) * self.b * self.s * self.s
         return (self.m.num_layers * self.layer(recompute) + self.norm() + self.e * scored * self.m.hidden_size
                 + mask)
 
     def layer_backward(self, recompute: str) -> int:
-        """Recomputed part of one layer plus that layer's activation gradients."""
-        recomputed = {"none": 0, "selective": self.core_attention(),
+        """Recomputed part of one layer plus that layer's activation gradients (SDPA's and flash attention's
+        backward work in blocks: no [b, heads, s, s] gradient)."""
+        recomputed = {"none": 0, "selective": self.core_attention() if self.local else 0,
                       "full": self.layer("none") - self.layer("full")}[recompute]
-        score_grads = 2 * 4 * self.scores() if self.local else 0
-        return recomputed + max(score_grads, self.mlp_gradients())
+        return recomputed + self.mlp_gradients()
 
 
 def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **options) -> MemoryPlan:
@@ -505,8 +515,7 @@ def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **opt
     width = vocab // tp
     scored = 2 * settings.micro_batch_pairs * (settings.max_length - settings.prompt_length)
     chunk_tokens = min(settings.logprob_chunk_size, max(scored, 1))
-    padded = vocab > shape.vocab_size
-    chunk = chunk_tokens * width * (e + (4 if e != 4 else 0) + (4 if padded else 0))
+    chunk = chunk_tokens * width * (e + (4 if e != 4 else 0))
     candidates = {
         "forward tail": e * acts.sbh() + (e * scored * shape.hidden_size if reference else 0) + chunk,
         "output backward": chunk + e * width * shape.hidden_size,
@@ -523,7 +532,7 @@ def estimate_memory(hf_config: Any, *, gpu_memory_gb: float | None = None, **opt
         step = 4 * optimizer_params if _optimizer_states(settings) else 0
     else:
         step = 4 * largest_param * (2 if settings.optimizer == "adamw" else 1)
-    attention_buffer = e * acts.scores() if (acts.local and settings.device == "cuda") else 0
+    attention_buffer = 0  # megatron's QKᵀ buffer: neither rpo's local (SDPA) nor TE's attention allocates it
     overhead = settings.overhead_bytes
     if overhead is None:
         overhead = DEFAULT_CUDA_OVERHEAD_BYTES if settings.device == "cuda" else 0

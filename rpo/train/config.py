@@ -206,6 +206,13 @@ class TrainConfig:
         False, "Megatron sequence parallelism: norms and residuals split along the sequence over the "
         "tensor-parallel group (less activation memory per GPU); needs --tensor-parallel > 1.",
         group="scale")
+    keep_graphs: Optional[int] = _opt(
+        None, "--global-contrast over several micro-batches per rank: keep the autograd graphs of at most N "
+        "micro-batches from their scoring forward to their backward (one forward each instead of two; their "
+        "activations are held at once). Default: as many as the memory plan fits in the device's memory (--plan "
+        "reports it; with --recompute full a graph is only each layer's input). 0: every micro-batch is scored "
+        "without grad first and re-run with grad (always, for a mixture-of-experts model with its load-balancing "
+        "loss).", group="scale", minimum=0)
     plan: bool = _opt(
         False, "Print the estimated per-GPU memory of this run (rpo.models.memory_plan) and exit without "
         "training.", group="scale")

@@ -15,8 +15,9 @@ One optimiser step, per data-parallel rank r of W:
   3. the loss (rpo.losses, built by rpo.train.config.build_training_loss) and its backward, the data-parallel
      objective of rpo.distributed (`data_parallel_objective`: after Megatron DDP's gradient averaging the gradient
      is that of the loss of the whole global batch); when a global loss's batch spans several micro-batches,
-     rpo.distributed.TwoPassContrast (scores of every micro-batch without grad, the global matrix, then a second
-     forward per micro-batch with the score gradients);
+     rpo.distributed.TwoPassContrast (scores of every micro-batch, the global matrix, then each micro-batch's
+     backward from its score gradients: through its kept graph, or a second forward for those the memory plan
+     does not keep);
   4. DDP gradient all-reduce, global-norm clipping, the guard's verdict (one small all-reduce: non-finite numbers
      on any rank, a stop signal), optimiser update (or a skipped one), learning-rate schedule.
 """
@@ -120,6 +121,21 @@ class Trainer:
 
         self._setup_data()
         self._setup_models()
+        self.kept_graphs, self.last_kept = 0, ()  # the global contrast's kept graphs (see _two_pass_step)
+        if self.two_pass and self._router_loss_active():
+            # The load-balancing loss's gradient uses the latest forward's routing (rpo.models.moe): every
+            # micro-batch is re-run, so its backward follows its own forward.
+            if self.is_main:
+                logger.info("global contrast over %d micro-batches per rank: a mixture-of-experts model keeps no graph "
+                            "(each micro-batch re-run; --keep-graphs does not apply)", self.accumulation)
+        elif self.two_pass:
+            self.kept_graphs = scale.kept_graphs(cfg, self.hf_config, world_size=self.parallel.world_size,
+                                                 micro_batches=self.accumulation,
+                                                 needs_reference=self.loss.needs_reference, device=self.device)
+            if self.is_main:
+                logger.info("global contrast over %d micro-batches per rank: the graphs of %d kept (one forward "
+                            "each), %d re-run (a second forward each; --keep-graphs)", self.accumulation,
+                            self.kept_graphs, self.accumulation - self.kept_graphs)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.batcher)))
         from rpo.train.optim import TrainOptimizer
 
@@ -383,6 +399,12 @@ class Trainer:
         return data_parallel_objective(output.loss, output.global_loss, rows=rows, rows_global=rows_global,
                                        world=data_parallel_loss_scale(self.dp_group))
 
+    def _router_loss_active(self) -> bool:
+        from rpo.models import moe
+
+        balance = moe.load_balancing(self.ddp_model)
+        return balance is not None and balance.active
+
     def _router_loss_weight(self):
         """A mixture-of-experts policy's load-balancing loss (rpo.models.moe: transformers' over the micro-batch of
         every DP rank) in the backward of the next micro-batch, weighted W / A so that after DDP's averaging the
@@ -484,8 +506,11 @@ class Trainer:
             outputs.append(output)
             return self._objective(output, rows, rows_global)
 
-        # Attention dropout draws from megatron's model-parallel RNG tracker: replayed in pass 2 too.
-        TwoPassContrast(scores, step_loss, rng_state_trackers=[tensor_parallel.get_cuda_rng_tracker()]).step(micro)
+        # Attention dropout draws from megatron's model-parallel RNG tracker: replayed in pass 2 too. The first
+        # kept_graphs micro-batches keep their pass-1 graph (no second forward), as the memory plan allows.
+        result = TwoPassContrast(scores, step_loss, rng_state_trackers=[tensor_parallel.get_cuda_rng_tracker()],
+                                 keep_graphs=self.kept_graphs).step(micro)
+        self.last_kept = result.kept
         output = outputs[-1]
         metrics.add({"loss": output.loss, **output.metrics}, weight=rows)
 

@@ -365,6 +365,16 @@ def _run_model_sections(rank, world_size, group, results):
     step = two_pass.step(microbatches)
     results["two_pass_ddp"] = dict(loss=step.loss, grads=parameter_grads(ddp_model.module))
 
+    # The same with kept graphs: the first microbatch only (the second re-run), and both (no second forward).
+    for keep in (1, 2):
+        ddp_model = DistributedDataParallel(make_model(), process_group=group)
+        two_pass = TwoPassContrast(functools.partial(model_scores, ddp_model), loss_fn, embedding_fn=model_embeddings,
+                                   loss_scale=data_parallel_loss_scale(group), no_sync=ddp_model.no_sync,
+                                   keep_graphs=keep)
+        step = two_pass.step(microbatches)
+        results[f"two_pass_ddp_keep{keep}"] = dict(loss=step.loss, grads=parameter_grads(ddp_model.module),
+                                                   kept=step.kept)
+
     # Single pass under DDP: the whole local shard in one forward, --global-contrast semantics.
     ddp_model = DistributedDataParallel(make_model(), process_group=group)
     chosen = torch.cat([mb["chosen"] for mb in microbatches])

@@ -233,11 +233,16 @@ def test_two_pass_two_ranks_two_microbatches(two_ranks):
                                    model(torch.cat([mb["chosen"] for mb in local])).detach(), **TOLERANCE)
 
 
-@pytest.mark.parametrize("section", ["ddp", "two_pass_ddp"])
+@pytest.mark.parametrize("section", ["ddp", "two_pass_ddp", "two_pass_ddp_keep1", "two_pass_ddp_keep2"])
 def test_ddp_gradients_equal_single_process(two_ranks, section):
-    """Under DDP (which averages over W ranks) with the loss scaled by W, every rank's gradient is the full one."""
+    """Under DDP (which averages over W ranks) with the loss scaled by W, every rank's gradient is the full one;
+    TwoPassContrast alike whether it re-runs both microbatches or keeps the first one's graph (with no_sync the
+    last microbatch is re-run even when more graphs may be kept: torch DDP reduces the backward of a forward made
+    outside no_sync)."""
     loss, grads = single_process_model_step()
     for rank, got in enumerate(two_ranks.case(section)):
+        if section.startswith("two_pass_ddp_keep"):
+            assert got["kept"] == (True, False)
         torch.testing.assert_close(got["loss"], loss, **TOLERANCE)
         for name, grad in grads.items():
             torch.testing.assert_close(got["grads"][name], grad, **TOLERANCE,
@@ -374,6 +379,54 @@ def test_two_pass_replays_megatron_rng_tracker_states():
             assert torch.equal(tracker.get_states()["model-parallel-rng"], after_reference)
         else:
             assert max(differences) > 1e-3  # other masks in pass 2: the gradient of another forward
+
+
+@pytest.mark.parametrize("keep_graphs", [0, 1, 2, 3, 5])
+def test_kept_graphs_give_the_same_step(keep_graphs):
+    """With dropout: keeping the first k microbatches' graphs (one forward each) and re-running the others gives
+    the loss and gradients of one grad-enabled forward per microbatch, for every k; score_fn runs once per kept
+    microbatch and twice per re-run one; the RNG ends where the forwards left it."""
+    microbatches = workers.model_batch()[0] + workers.model_batch()[1]  # 4 microbatches
+    options = dict(workers.MODEL_LOSS_OPTIONS)
+    model = workers.make_model(dropout=0.5)
+    torch.manual_seed(11)
+    scores = [workers.model_scores(model, mb) for mb in microbatches]
+    after_forwards = torch.get_rng_state()
+    loss = reference_loss(torch.cat([c for c, _ in scores]), torch.cat([r for _, r in scores]),
+                          chosen_embeddings=torch.cat([mb["chosen_embeddings"] for mb in microbatches]),
+                          rejected_embeddings=torch.cat([mb["rejected_embeddings"] for mb in microbatches]),
+                          **options)
+    (2.0 * loss).backward()
+    expected = workers.parameter_grads(model)
+
+    model = workers.make_model(dropout=0.5)
+    calls = []
+
+    def counted_scores(microbatch):
+        calls.append(next(i for i, mb in enumerate(microbatches) if mb is microbatch))
+        return workers.model_scores(model, microbatch)
+
+    torch.manual_seed(11)
+    two_pass = TwoPassContrast(counted_scores, functools.partial(reference_loss, **options),
+                               embedding_fn=workers.model_embeddings, loss_scale=2.0, keep_graphs=keep_graphs)
+    step = two_pass.step(microbatches)
+    kept = min(keep_graphs, len(microbatches))
+    assert step.kept == tuple(i < kept for i in range(len(microbatches)))
+    assert calls == list(range(len(microbatches))) + list(range(kept, len(microbatches)))
+    assert torch.equal(torch.get_rng_state(), after_forwards)
+    torch.testing.assert_close(step.loss, loss.detach(), rtol=0, atol=0)
+    for name, grad in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=0, atol=1e-14, msg=name)
+
+
+def test_kept_graphs_option_is_checked():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_graphs must be an integer ≥ 0"):
+            TwoPassContrast(lambda mb: mb, reference_loss, keep_graphs=bad)
+    frozen = torch.ones(2)  # no trainable parameter: a kept graph has nothing to back-propagate into
+    with pytest.raises(ValueError, match=r"scores of microbatch 0 do not require grad in pass 1"):
+        TwoPassContrast(lambda mb: (frozen * 1, frozen * 2), functools.partial(reference_loss, beta=1.0,
+                        weighting="uniform"), keep_graphs=1).step(["a"])
 
 
 def test_two_pass_rejects_inconsistent_score_fn():

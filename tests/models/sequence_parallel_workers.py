@@ -19,9 +19,11 @@ def _shard_rows(model) -> list:
     """Positions (first dim) the input of every norm of the decoder holds on this rank, from forward hooks."""
     import torch
 
+    from rpo.models.local_layers import RMSNorm
+
     seen: list = []
     handles = [module.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
-               for module in model.modules() if isinstance(module, torch.nn.RMSNorm)]
+               for module in model.modules() if isinstance(module, (torch.nn.RMSNorm, RMSNorm))]
     return seen, handles
 
 

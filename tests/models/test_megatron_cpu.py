@@ -120,6 +120,24 @@ def test_cuda_type_names_and_clip_grads(compat):
     assert all(p.grad.type() == "torch.FloatTensor" for p in params)
 
 
+def test_clipping_scales_the_gradients_in_place_with_megatrons_values(compat):
+    # local_multi_tensor_scale allocates src * scale and copies it back; in place it is one pass, same values.
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    assert clip_grads.multi_tensor_scale_impl is compat._scale_in_place
+    grads = [torch.randn(1000, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    expected = [g.clone() for g in grads]
+    utils.local_multi_tensor_scale(None, None, [expected, expected], 0.37)
+    storages = [g.data_ptr() for g in grads]
+    compat._scale_in_place(None, None, [grads, grads], 0.37)
+    assert [g.data_ptr() for g in grads] == storages
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    target = [torch.zeros(1000) for _ in grads]
+    compat._scale_in_place(None, None, [grads, target], 2.0)
+    assert all(torch.equal(t, g * 2.0) for t, g in zip(target, grads))
+
+
 def test_float16_optimizer_classifies_cpu_params_then_forgets(compat):
     """Float16OptimizerWithFloat16Params on CPU parameters: bf16 ones get fp32 main copies, fp32 ones are kept
     as they are; afterwards no parameter still reports a CUDA type name."""

@@ -242,7 +242,10 @@ def test_load_balancing_loss_and_gradient_equal_transformers(one_process, kind, 
     assert set(grads) >= set(reference) - {"lm_head.weight"}
     router_moved = 0.0
     for name, grad in reference.items():
-        torch.testing.assert_close(grads[name].double(), grad, atol=1e-5, rtol=1e-5, msg=name)
+        # float32 against float64: each element is a sum over ~300 tokens, so its rounding follows the tensor's
+        # scale (measured ≤ 1.5e-6 of it); the load-balancing part of the router gradients is ≥ 1e-2 of theirs.
+        atol = 1e-5 + 3e-6 * grad.abs().max().item()
+        torch.testing.assert_close(grads[name].double(), grad, atol=atol, rtol=1e-5, msg=name)
         if "gate.weight" in name:
             router_moved = max(router_moved, grad.abs().max().item())
     assert router_moved > 1e-3

@@ -109,6 +109,61 @@ def case_sequence_parallel_dp2(workdir: Path) -> None:
                     **{**VARIANTS, **SP_VARIANTS}[variant])
 
 
+# The global contrast's micro-batches: by default (and on these tiny models) every graph is kept from the scoring
+# forward to the backward; "-rerun" runs today's two-pass path (--keep-graphs 0: every micro-batch re-run).
+KEPT_VARIANTS = ("baseline", "selective", "full", "packing")
+KEPT_SP_VARIANTS = ("sp", "sp-full")
+FOUR_MICRO_BATCHES = ("auto", "bound2", "memory3", "rerun")  # TP=1/DP=2, 4 micro-batches per rank
+FOUR_MICRO_BATCH_OPTIONS = {"auto": {}, "bound2": dict(keep_graphs=2), "memory3": {}, "rerun": dict(keep_graphs=0)}
+
+
+def rerun(variant: str) -> str:
+    return f"{variant}-rerun"
+
+
+def case_kept_graphs(workdir: Path) -> None:
+    """rpo --global-contrast with every micro-batch re-run (--keep-graphs 0), beside case_equivalence's and
+    case_sequence_parallel's runs, which keep the graphs; and 4 micro-batches per rank with graphs kept by default,
+    up to --keep-graphs 2, as a memory budget of 3 graphs allows (the plan's arithmetic), and none."""
+    for tp, dp in TOPOLOGIES:
+        for variant in KEPT_VARIANTS:
+            tw._run(workdir, run_name("llama", "rpo", rerun(variant), tp, dp), dataset=str(workdir / VARIED_DATA),
+                    tensor_parallel=tp, micro_batch_size=two_micro_batches(dp), keep_graphs=0, **tw.LOSSES["rpo"],
+                    **VARIANTS[variant])
+    for variant in KEPT_SP_VARIANTS:
+        tw._run(workdir, run_name("llama", "rpo", rerun(variant), 2, 1), dataset=str(workdir / VARIED_DATA),
+                tensor_parallel=2, micro_batch_size=two_micro_batches(1), keep_graphs=0, **tw.LOSSES["rpo"],
+                **SP_VARIANTS[variant])
+    from rpo.train import scale
+
+    device_memory = scale.device_memory_bytes
+    for label in FOUR_MICRO_BATCHES:
+        options = dict(dataset=str(workdir / VARIED_DATA), tensor_parallel=1, micro_batch_size=1,
+                       **tw.LOSSES["rpo"], **FOUR_MICRO_BATCH_OPTIONS[label])
+        if label == "memory3":
+            scale.device_memory_bytes = lambda device, options=options: memory_for_graphs(workdir, 3, options)
+        try:
+            tw._run(workdir, f"llama-rpo-4mb-{label}-tp1dp2", **options)
+        finally:
+            scale.device_memory_bytes = device_memory
+
+
+def memory_for_graphs(workdir: Path, graphs: float, options: dict) -> float:
+    """Device memory in which the memory plan of this run fits `graphs` + 1/2 micro-batches' activations (so
+    exactly floor(graphs) graphs are kept)."""
+    from transformers import AutoConfig
+
+    from rpo.models.memory_plan import plan_from_train_config
+    from rpo.train import scale
+
+    config = tw.base_config(workdir, "plan", **options)
+    plan = plan_from_train_config(config, AutoConfig.from_pretrained(config.model), world_size=2,
+                                  needs_reference=True, device="cpu")
+    step = (graphs + 0.5) * plan.activations + plan.logprob_chunk + plan.working
+    assert step > plan.optimizer_step  # the graphs decide, not the optimizer step
+    return (plan.persistent + plan.overhead + step) / scale.KEPT_GRAPHS_MEMORY_FRACTION
+
+
 def case_distributed_optimizer(workdir: Path) -> None:
     """One AdamW step with and without --distributed-optimizer at TP=1, DP=2, for dpo and rpo --global-contrast."""
     for loss in LOSSES:

@@ -19,15 +19,14 @@ import scale_workers as sw
 import trainer_workers as tw
 from rpo.train import ConfigError, TrainConfig, Trainer
 
-TOLERANCE = dict(rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("scale")
     sw.build_assets(workdir)
-    first = sw.start(["equivalence", "sequence_parallel", "distributed_optimizer", "resume_reference",
-                      "resume_killed"], workdir)
+    first = sw.start(["equivalence", "sequence_parallel", "kept_graphs", "distributed_optimizer",
+                      "resume_reference", "resume_killed"], workdir)
     first.wait(timeout=1800).check([-9, -9])  # killed by its own ranks after step 3 of the last case
     sw.start(["resume_continue"], workdir).wait().check()
     return workdir
@@ -46,8 +45,9 @@ def initial_weights(workdir: Path, model: str):
     return load_file(str(workdir / f"tiny-{model}" / "model.safetensors"))
 
 
-def assert_same_step(workdir: Path, name: str, baseline: str, model: str, lr: float) -> None:
-    """Loss, gradient norm, gradients g = (θ0 − θ1)/lr (SGD; the update for Adam) and parameters equal."""
+def assert_same_step(workdir: Path, name: str, baseline: str, model: str, lr: float, atol: float = 1e-5) -> None:
+    """Loss, gradient norm, gradients g = (θ0 − θ1)/lr (SGD; the update for Adam) and parameters equal (to
+    `atol`)."""
     ours, ours_info = _result(workdir, name)
     theirs, theirs_info = _result(workdir, baseline)
     before = initial_weights(workdir, model)
@@ -58,9 +58,9 @@ def assert_same_step(workdir: Path, name: str, baseline: str, model: str, lr: fl
     moved = max((theirs[key] - before[key]).abs().max().item() for key in before)
     assert moved > 1e-3, baseline  # the step is not trivially zero
     for key in before:
-        torch.testing.assert_close(ours[key], theirs[key], **TOLERANCE, msg=f"{name} {key}")
-        torch.testing.assert_close((before[key] - ours[key]) / lr, (before[key] - theirs[key]) / lr, **TOLERANCE,
-                                   msg=f"{name} gradient {key}")
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=atol, msg=f"{name} {key}")
+        torch.testing.assert_close((before[key] - ours[key]) / lr, (before[key] - theirs[key]) / lr, rtol=0,
+                                   atol=atol, msg=f"{name} gradient {key}")
 
 
 CASES = [("llama", "selective"), ("llama", "full"), ("llama", "packing"), ("mistral", "packing")]
@@ -86,6 +86,73 @@ def test_sequence_parallel_leaves_the_sgd_step_unchanged(launches, model, varian
     ranks (alone, with --packing, with --recompute selective or full) the step is the baseline's at the same TP."""
     assert_same_step(launches, sw.run_name(model, loss, variant, 2, 1),
                      sw.run_name(model, loss, "baseline", 2, 1), model, tw.SGD_LR)
+
+
+# ================================================================ the global contrast's kept graphs ===
+def _kept(workdir: Path, name: str):
+    info = _result(workdir, name)[1]
+    return info["kept_graphs"], tuple(info["last_kept"])
+
+
+@pytest.mark.parametrize("variant", sw.KEPT_VARIANTS)
+def test_kept_graphs_equal_the_two_pass_step(launches, variant):
+    """rpo --global-contrast, two micro-batches per rank at TP=2/DP=1 and TP=1/DP=2 (alone, with --recompute
+    selective or full, with --packing): keeping both micro-batches' graphs (the default here) takes the step of
+    re-running both (--keep-graphs 0, the two-pass path), to 1e-6 in loss, gradients and parameters."""
+    for tp, dp in sw.TOPOLOGIES:
+        kept = sw.run_name("llama", "rpo", variant, tp, dp)
+        assert _kept(launches, kept) == (2, (True, True))
+        assert _kept(launches, sw.run_name("llama", "rpo", sw.rerun(variant), tp, dp)) == (0, (False, False))
+        assert_same_step(launches, kept, sw.run_name("llama", "rpo", sw.rerun(variant), tp, dp), "llama", tw.SGD_LR,
+                         atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", sw.KEPT_SP_VARIANTS)
+def test_kept_graphs_equal_the_two_pass_step_with_sequence_parallelism(launches, variant):
+    kept = sw.run_name("llama", "rpo", variant, 2, 1)
+    assert _kept(launches, kept) == (2, (True, True))
+    assert_same_step(launches, kept, sw.run_name("llama", "rpo", sw.rerun(variant), 2, 1), "llama", tw.SGD_LR,
+                     atol=1e-6)
+
+
+def test_kept_graphs_follow_the_memory_bound(launches):
+    """4 micro-batches per rank (TP=1/DP=2): every graph kept when the memory plan fits them (this machine), the
+    first 2 with --keep-graphs 2, the first 3 in a device memory that the plan fills with 3.5 graphs, none with
+    --keep-graphs 0; the step is the same each time (1e-6)."""
+    expected = {"auto": (True,) * 4, "bound2": (True, True, False, False), "memory3": (True, True, True, False),
+                "rerun": (False,) * 4}
+    for label, modes in expected.items():
+        assert _kept(launches, f"llama-rpo-4mb-{label}-tp1dp2") == (sum(modes), modes), label
+        if label != "rerun":
+            assert_same_step(launches, f"llama-rpo-4mb-{label}-tp1dp2", "llama-rpo-4mb-rerun-tp1dp2", "llama",
+                             tw.SGD_LR, atol=1e-6)
+
+
+def test_kept_graph_count_is_the_plans_arithmetic():
+    from rpo.models.memory_plan import estimate_memory
+    from rpo.train.scale import KEPT_GRAPHS_MEMORY_FRACTION, kept_graph_count
+
+    shape = dict(model_type="llama", num_hidden_layers=4, hidden_size=256, num_attention_heads=8,
+                 num_key_value_heads=4, intermediate_size=512, vocab_size=32000)
+    for recompute in ("none", "full"):
+        plan = estimate_memory(shape, micro_batch_pairs=2, max_length=256, prompt_length=128, recompute=recompute)
+        fixed = plan.persistent + plan.overhead
+        for graphs in range(1, 6):
+            peak = fixed + max(graphs * plan.activations + plan.logprob_chunk + plan.working, plan.optimizer_step)
+            memory = peak / KEPT_GRAPHS_MEMORY_FRACTION
+            assert kept_graph_count(plan, 8, memory * (1 + 1e-12)) == graphs  # just fits
+            assert kept_graph_count(plan, 8, memory * (1 - 1e-9)) == max(1, graphs - 1)
+            assert kept_graph_count(plan, 8, memory * (1 + 1e-12), bound=2) == min(graphs, 2)
+            assert kept_graph_count(plan, graphs - 1 or 1, memory) == (graphs - 1 or 1)  # at most the micro-batches
+        assert kept_graph_count(plan, 8, 1.0) == 1  # nothing fits: one graph, what any accumulated step holds
+        assert kept_graph_count(plan, 8, 1.0, bound=0) == 0
+        assert kept_graph_count(plan, 8, None) == 8
+    # full recomputation keeps only each layer's input: many more graphs fit in the same memory
+    none, full = (estimate_memory(shape, micro_batch_pairs=2, max_length=256, prompt_length=128, recompute=mode)
+                  for mode in ("none", "full"))
+    memory = (none.persistent + none.overhead + 3.5 * none.activations + none.logprob_chunk
+              + none.working) / KEPT_GRAPHS_MEMORY_FRACTION
+    assert kept_graph_count(none, 64, memory) == 3 and kept_graph_count(full, 64, memory) > 12
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +300,24 @@ def test_plan_prints_the_memory_components_and_does_not_train(tmp_path, capsys):
     assert main(argv + ["--sequence-parallel"]) == 0
     assert "sequence parallel on" in capsys.readouterr().out
     assert not run.exists()  # nothing was trained or written
+
+
+def test_plan_reports_the_global_contrasts_kept_graphs(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from rpo.train.cli import main
+
+    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "model")
+    argv = ["--plan", "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--loss", "rpo",
+            "--global-contrast", "--global-batch-size", "16", "--micro-batch-size", "2", "--plan-gpus", "2"]
+    assert main(argv + ["--gpu-memory-gb", "80"]) == 0
+    assert "global contrast over 4 micro-batches per GPU: graphs of 4 kept (one forward each), 0 re-run" in \
+        capsys.readouterr().out
+    assert main(argv + ["--gpu-memory-gb", "80", "--keep-graphs", "1"]) == 0
+    assert "--keep-graphs 1: graphs of 1 kept (one forward each), 3 re-run" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "graphs kept: as many as fit in the GPU's memory (pass --gpu-memory-gb to see how many)" in \
+        capsys.readouterr().out
+    assert main(argv[:-2] + ["--plan-gpus", "8", "--gpu-memory-gb", "80"]) == 0  # 1 micro-batch per GPU: no line
+    assert "global contrast over" not in capsys.readouterr().out

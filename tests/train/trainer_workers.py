@@ -116,7 +116,9 @@ def _record(workdir: Path, name: str, trainer, summary) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"{name}.safetensors"))
         (out / f"{name}.json").write_text(json.dumps(
             {"history": trainer.history, "summary": summary, "reference_model_loaded": trainer.reference is not None,
-             "dtype": str(next(trainer.policy.parameters()).dtype)}, default=str))
+             "dtype": str(next(trainer.policy.parameters()).dtype),
+             # the global contrast over micro-batches: graphs kept (rpo.train.scale.kept_graphs), last step's modes
+             "kept_graphs": trainer.kept_graphs, "last_kept": list(trainer.last_kept)}, default=str))
 
 
 def _run(workdir: Path, name: str, **overrides):
