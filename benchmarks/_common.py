@@ -236,6 +236,24 @@ def benchmark_env(threads: int | None = None, **extra: str) -> dict:
     return env
 
 
+def run_logged(what: str, command: Sequence[str], log: Path, timeout: float, *, cwd: Path, env: Mapping[str, str],
+               label: str) -> tuple[float, str | None]:
+    """Run `command` with its output in `log` (headed by the command): (seconds, None) when it succeeded, else
+    (seconds, why) naming the log; a timeout is noted in the log as `[label] timed out after N s` (exit 124)."""
+    started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        try:
+            rc = subprocess.run(list(command), cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            out.write(f"\n[{label}] timed out after {timeout:.0f} s\n")
+            rc = 124
+    return time.perf_counter() - started, (None if rc == 0 else f"{what} exited {rc}: see {log}")
+
+
 def run_worker(script: Path | str, spec: Mapping[str, Any], *, world_size: int = 1, python: str = sys.executable,
                env: Mapping[str, str] | None = None, timeout: float = 1800, log_dir: Path | None = None
                ) -> list[dict]:

@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import _common  # noqa: E402
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -116,15 +118,7 @@ def _env() -> Dict[str, str]:
 
 def _run(what: str, cmd: List[str], log: Path, timeout: float) -> tuple:
     """(seconds, None) when `cmd` succeeded, else (seconds, why) naming its log."""
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            out.write(f"\n[alignment benchmark] timed out after {timeout:.0f} s\n")
-            rc = 124
-    return time.perf_counter() - started, (None if rc == 0 else f"{what} exited {rc}: see {log}")
+    return _common.run_logged(what, cmd, log, timeout, cwd=REPO, env=_env(), label="alignment benchmark")
 
 
 def _unavailable_reason(method: Method, help_text: str) -> Optional[str]:

@@ -44,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "benchmarks" / "data" / "sentiment_prompts.jsonl"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import _common  # noqa: E402
 
 # The global rpo variants: --global-contrast's default normalisation, named (see the module docstring).
 GLOBAL_DEFAULT = ("--weight-normalization", "reference_columns", "--normalization-columns", "8")
@@ -119,18 +121,7 @@ def benchmark_env(threads: int = 1) -> Dict[str, str]:
 
 def run_logged(what: str, command: List[str], log: Path, timeout: float) -> tuple:
     """(seconds, None) when `command` succeeded, else (seconds, why) naming its log."""
-    started = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        out.write("$ " + " ".join(command) + "\n")
-        out.flush()
-        try:
-            rc = subprocess.run(command, cwd=REPO, env=benchmark_env(), stdout=out, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            out.write(f"\n[frontier] timed out after {timeout:.0f} s\n")
-            rc = 124
-    return time.perf_counter() - started, (None if rc == 0 else f"{what} exited {rc}: see {log}")
+    return _common.run_logged(what, command, log, timeout, cwd=REPO, env=benchmark_env(), label="frontier")
 
 
 # --- prompts -------------------------------------------------------------------------------------------------------

@@ -19,10 +19,7 @@ at 2 micro-batches, 1 timed step, TRL on the CPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -210,21 +207,10 @@ def trl_comparison(result, base: dict, workdir: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("result", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if not torch.cuda.is_available():
-        torch.set_flush_denormal(True)
     from rpo.models.parallel import teardown
 
-    result = cc.StageResult(args.result, "trainer_accumulation")
+    result, workdir, tiny, model, embedder = cc.start_stage("trainer_accumulation", __doc__, "accumulation-", argv)
     size = sizes()
-    workdir = cc.workdir("accumulation-")
-    os.environ.setdefault("RPO_CACHE_DIR", str(workdir / "cache"))
-    tiny = cc.dry_run()
-    model = cc.random_llama(workdir / "model", **(cc.TINY_LLAMA if tiny else {}))
-    embedder = cc.random_sentence_transformer(workdir / "embedder", **(cc.TINY_BERT if tiny else {}))
     data = short_rows(cc.assets_dir() / cc.PAIRED_DATA, cc.assets_dir() / cc.SMOLLM2_DIR, workdir / "short.jsonl",
                       size["prompt_tokens"], size["answer_tokens"])
     # above every shortened row (chat template included): no truncation on either side

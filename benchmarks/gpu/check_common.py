@@ -215,3 +215,27 @@ class StageResult:
         """0 when no case failed ("not available" options are not failures)."""
         self.write()
         return int(any(case["status"] == "failed" for case in self.data["cases"].values()))
+
+
+def start_stage(name: str, doc: str, workdir_prefix: str, argv=None):
+    """A trainer stage's common start: its result file from the command line, quiet logging, a work folder (the
+    rpo cache inside), and the random SmolLM2-shaped LLaMA and MiniLM-shaped embedder (tiny ones in a dry run).
+    Returns (StageResult, work folder, dry run?, model folder, embedder folder)."""
+    import argparse
+    import logging
+    import os
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("result", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not torch.cuda.is_available():
+        torch.set_flush_denormal(True)
+    result = StageResult(args.result, name)
+    folder = workdir(workdir_prefix)
+    os.environ.setdefault("RPO_CACHE_DIR", str(folder / "cache"))
+    tiny = dry_run()
+    model = random_llama(folder / "model", **(TINY_LLAMA if tiny else {}))
+    embedder = random_sentence_transformer(folder / "embedder", **(TINY_BERT if tiny else {}))
+    return result, folder, tiny, model, embedder
+

@@ -16,9 +16,6 @@ recorded and the next one runs. With GPU_CHECK_DRY_RUN=1 (a CPU): a 2-layer LLaM
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -86,22 +83,11 @@ def compare_logps(result, bf16_records, fp32_records):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("result", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if not torch.cuda.is_available():
-        torch.set_flush_denormal(True)
     from rpo.models.parallel import teardown
     from rpo.train import TrainConfig
 
-    result = cc.StageResult(args.result, "trainer")
+    result, workdir, tiny, model, embedder = cc.start_stage("trainer", __doc__, "trainer-", argv)
     size = sizes()
-    workdir = cc.workdir("trainer-")
-    os.environ.setdefault("RPO_CACHE_DIR", str(workdir / "cache"))
-    tiny = cc.dry_run()
-    model = cc.random_llama(workdir / "model", **(cc.TINY_LLAMA if tiny else {}))
-    embedder = cc.random_sentence_transformer(workdir / "embedder", **(cc.TINY_BERT if tiny else {}))
     base = dict(model=str(model), dataset=str(cc.assets_dir() / cc.PAIRED_DATA), embedding_model=str(embedder),
                 cache_dir=str(workdir / "cache"), dtype=size["dtype"], global_batch_size=size["global_batch_size"],
                 micro_batch_size=size["micro_batch_size"], max_length=size["max_length"],

@@ -79,6 +79,19 @@ def _saved_activation_bytes(model, batch) -> int:
     return sum(storages.values())
 
 
+def _measured_and_planned(model, config, recompute: str, pairs: int = 2, length: int = 40, prompt: int = 10):
+    """(bytes autograd keeps for one training forward of `pairs` random pairs, the plan for the same shape)."""
+    model.train()
+    rows = 2 * pairs
+    loss_mask = torch.zeros(rows, length, dtype=torch.bool)
+    loss_mask[:, prompt:] = True
+    batch = {"input_ids": torch.randint(0, 1000, (rows, length), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(rows, length, dtype=torch.long), "loss_mask": loss_mask}
+    plan = estimate_memory(config, micro_batch_pairs=pairs, max_length=length, prompt_length=prompt,
+                           dtype="float32", recompute=recompute, device="cpu")
+    return _saved_activation_bytes(model, batch), plan
+
+
 @pytest.fixture(scope="module")
 def megatron_tp1():
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -102,19 +115,10 @@ def test_parameters_per_gpu_match_megatron_model(megatron_tp1, kind, tied, heads
 @pytest.mark.parametrize("recompute, tolerance", [("none", 0.01), ("selective", 0.01), ("full", 0.05)])
 @pytest.mark.parametrize("kv_heads", [2, 4])  # GQA (K, V repeated) and plain multi-head attention
 def test_activations_match_what_autograd_saves(megatron_tp1, recompute, tolerance, kv_heads):
-    pairs, length, prompt = 2, 40, 10
     config = tiny(num_key_value_heads=kv_heads, vocab=1000)
     model = _megatron_tiny_model(config, recompute)
     assert model.config.recompute_granularity == megatron_recompute_settings(recompute).get("recompute_granularity")
-    model.train()
-    rows = 2 * pairs
-    loss_mask = torch.zeros(rows, length, dtype=torch.bool)
-    loss_mask[:, prompt:] = True
-    batch = {"input_ids": torch.randint(0, 1000, (rows, length), generator=torch.Generator().manual_seed(0)),
-             "attention_mask": torch.ones(rows, length, dtype=torch.long), "loss_mask": loss_mask}
-    measured = _saved_activation_bytes(model, batch)
-    plan = estimate_memory(config, micro_batch_pairs=pairs, max_length=length, prompt_length=prompt,
-                           dtype="float32", recompute=recompute, device="cpu")
+    measured, plan = _measured_and_planned(model, config, recompute)
     assert plan.activations == pytest.approx(measured, rel=tolerance)
 
 
@@ -300,18 +304,9 @@ def test_family_activations_match_what_autograd_saves(megatron_tp1, kind, recomp
     """Within 3 % (full recomputation: 5 %, as for LLaMA above): q/k norms (12 bytes per element kept on CPU without
     recomputation), Gemma's four norms of torch ops, the MoE layer's router softmaxes, expert inputs and expert
     MLPs over s·b·k tokens."""
-    pairs, length, prompt = 2, 40, 10
     config = _family_config(kind)
     model = _megatron_tiny_model_for(config, recompute)
-    model.train()
-    rows = 2 * pairs
-    loss_mask = torch.zeros(rows, length, dtype=torch.bool)
-    loss_mask[:, prompt:] = True
-    batch = {"input_ids": torch.randint(0, 1000, (rows, length), generator=torch.Generator().manual_seed(0)),
-             "attention_mask": torch.ones(rows, length, dtype=torch.long), "loss_mask": loss_mask}
-    measured = _saved_activation_bytes(model, batch)
-    plan = estimate_memory(config, micro_batch_pairs=pairs, max_length=length, prompt_length=prompt,
-                           dtype="float32", recompute=recompute, device="cpu")
+    measured, plan = _measured_and_planned(model, config, recompute)
     assert plan.activations == pytest.approx(measured, rel=0.05 if recompute == "full" else 0.03)
 
 
