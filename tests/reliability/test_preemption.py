@@ -66,7 +66,7 @@ def test_ranks_stop_and_save_when_their_launcher_is_killed(real_runs):
     assert step < 100 and _intact(run / "checkpoints" / f"step-{step:08d}")["step"] == step
     assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))
     # The stop is the parent-death SIGTERM; whether the handler already sees the new parent (and says "its launcher
-    # died") raced once in 30 runs on a loaded 2-core machine, so only the signal is required here.
+    # died") raced once in a clean-clone run on this 2-core machine, so only the signal is required here.
     assert all("SIGTERM received" in log for log in logs)
     assert all(quiet(log) for log in logs)
 
